@@ -1,0 +1,29 @@
+"""Errors a user can cause. Each carries one line that names the problem and the fix.
+
+The CLI turns these into one line on stderr and exit code 2; anything else is a bug
+and shows a traceback only when ``AUTOTUNE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Input autotune cannot use: a missing file, malformed JSON or TOML, a bad value."""
+
+
+class FactsError(UserError):
+    """A facts file that does not follow the facts contract."""
+
+
+class ConfigError(UserError):
+    """A config dict (or from_pretrained kwargs) that cannot be understood."""
+
+
+class RuleFileError(ValueError):
+    """A rule file that is malformed. Names the file and the key."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        super().__init__(f"{path}: {key}: {problem}")
+        self.path = path
+        self.key = key
+        self.problem = problem
