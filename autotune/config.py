@@ -1,0 +1,394 @@
+"""The config dict (DESIGN.md): parse it into a :class:`Candidate`, and apply it with :func:`load`.
+
+``parse_config`` reads the full config dict, a bare ``from_pretrained`` kwargs dict, and the
+legacy spellings of older guides (``torch_dtype``, ``use_flash_attention_2``,
+``load_in_8bit`` / ``load_in_4bit``, ``"to_bettertransformer": true``, ``tp_plan``), records
+which legacy spellings were used, and raises :class:`ConfigError` (one line) for values it
+cannot parse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError, UserError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "torch.float32": "float32", "torch.float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16", "torch.half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "auto": "auto",
+}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static", "sliding_window", "hybrid", "quantized")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+# from_pretrained keys autotune reads; anything else is reported as "not judged" (info)
+_JUDGED = {
+    "dtype", "torch_dtype", "attn_implementation", "use_flash_attention_2", "quantization_config", "load_in_8bit",
+    "load_in_4bit", "device_map", "max_memory", "tp_plan", "tp_size", "distributed_config",
+    "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "llm_int8_enable_fp32_cpu_offload",
+}
+_FULL_KEYS = {"from_pretrained", "generate", "runtime", "autotune"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int = 1
+    prompt_len: int = 512
+    new_tokens: int = 128
+    padding: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.new_tokens
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One combination of options, as the rules see it."""
+
+    dtype: Any = None  # float32 / float16 / bfloat16 / auto / None (not given)
+    dtype_key: Any = None  # the spelling used: "dtype" or "torch_dtype"
+    attn_implementation: Any = None  # None: transformers' default
+    sdpa_backend: Any = None
+    quantization: str = "none"  # none / bnb-8bit / bnb-4bit / other:<method>
+    bnb_4bit_quant_type: Any = None
+    bnb_4bit_compute_dtype: Any = None
+    fp32_cpu_offload: bool = False
+    device_map: Any = None
+    max_memory: Any = None  # {"0": bytes, "cpu": bytes}
+    cache_implementation: Any = None
+    disable_compile: bool = False
+    tp_plan: Any = None
+    distributed_config: bool = False
+    launch: Any = None
+    to_bettertransformer: bool = False
+    legacy: tuple[str, ...] = ()
+    unjudged: tuple[str, ...] = ()
+    workload: Workload = field(default_factory=Workload)
+    tuned_on: Any = None
+
+    @property
+    def compile(self) -> bool:
+        """transformers 5.x compiles the forward automatically for a static cache (on CUDA)."""
+        return self.cache_implementation in ("static", "offloaded_static") and not self.disable_compile
+
+    def label(self) -> str:
+        parts = [self.dtype or "default-dtype", self.attn_implementation or "default-attn"]
+        if self.sdpa_backend:
+            parts.append(f"sdpa:{self.sdpa_backend}")
+        if self.quantization != "none":
+            q = self.quantization
+            if q == "bnb-4bit":
+                q += f"-{self.bnb_4bit_quant_type or 'fp4'}"
+            parts.append(q)
+        if self.cache_implementation:
+            parts.append(f"{self.cache_implementation}-cache" + ("+compile" if self.compile else ""))
+        if self.device_map not in (None, {"": 0}, "cuda", 0):
+            parts.append(f"device_map={self.device_map if isinstance(self.device_map, str) else 'custom'}")
+        return " ".join(parts)
+
+
+def parse_dtype(value: Any, where: str) -> str:
+    if value is None:
+        return None  # type: ignore[return-value]
+    text = str(value).strip().lower()
+    if text not in _DTYPE_ALIASES:
+        raise ConfigError(f"{where}: unknown dtype {value!r}; use one of {', '.join(DTYPES)} or 'auto'")
+    return _DTYPE_ALIASES[text]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from an int or a string like '20GiB' / '20GB' (accelerate's units: GB = 10^9)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size such as '20GiB', found {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{where}: a memory size cannot be negative ({value})")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{where}: cannot parse memory size {value!r}; write e.g. '20GiB', '500MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def parse_max_memory(value: Any, where: str = "max_memory") -> dict[str, int]:
+    """``{0: "20GiB", "cpu": "64GiB"}`` -> ``{"0": bytes, "cpu": bytes}`` (keys as strings)."""
+    if isinstance(value, str):  # the CLI form 0=20GiB,1=20GiB,cpu=64GiB
+        items = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, size = part.partition("=")
+            if not sep:
+                raise ConfigError(f"{where}: expected DEVICE=SIZE pairs like 0=20GiB,cpu=64GiB; found {part!r}")
+            items[key.strip()] = size.strip()
+        value = items
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{where}: expected a mapping of device to size, e.g. {{\"0\": \"20GiB\", \"cpu\": \"64GiB\"}}")
+    out: dict[str, int] = {}
+    for key, size in value.items():
+        k = str(key).strip()
+        if k.startswith("cuda:"):
+            k = k[5:]
+        if not (k.isdigit() or k in ("cpu", "disk", "mps")):
+            raise ConfigError(f"{where}: key {key!r} is not a GPU ordinal, 'cpu' or 'disk'")
+        out[k] = parse_size(size, f"{where}[{key!r}]")
+    return out
+
+
+def _device_map(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip()
+        if v in DEVICE_MAP_STRATEGIES or v in ("cpu", "cuda", "disk", "meta") or re.fullmatch(r"cuda:\d+", v):
+            return v
+        raise ConfigError(f"{where}: unknown device_map {value!r}; use auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N or a mapping")
+    if isinstance(value, Mapping):
+        for k, dev in value.items():
+            ok = isinstance(dev, int) and not isinstance(dev, bool) or isinstance(dev, str) and re.fullmatch(r"cpu|disk|cuda(:\d+)?|\d+", dev)
+            if not ok:
+                raise ConfigError(f"{where}[{k!r}]: {dev!r} is not a device (GPU ordinal, 'cpu' or 'disk')")
+        return dict(value)
+    raise ConfigError(f"{where}: expected a string or a mapping, found {type(value).__name__}")
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, found {value!r}")
+    return value
+
+
+def _int(value: Any, where: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: expected a whole number >= {minimum}, found {value!r}")
+    return value
+
+
+def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
+    """A config dict (full, bare kwargs, or legacy) -> Candidate. Raises ConfigError."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"a config must be a JSON object, found {type(cfg).__name__}")
+    full = "from_pretrained" in cfg
+    if full:
+        extra = set(cfg) - _FULL_KEYS
+        if extra:
+            raise ConfigError(f"unknown top-level key {sorted(extra)[0]!r}; a config dict holds {', '.join(sorted(_FULL_KEYS))}")
+        fp = cfg["from_pretrained"]
+        if not isinstance(fp, Mapping):
+            raise ConfigError("from_pretrained: expected an object of from_pretrained keyword arguments")
+        gen = cfg.get("generate") or {}
+        rt = cfg.get("runtime") or {}
+        meta = cfg.get("autotune") or {}
+        for name, part in (("generate", gen), ("runtime", rt), ("autotune", meta)):
+            if not isinstance(part, Mapping):
+                raise ConfigError(f"{name}: expected an object")
+    else:
+        fp = {k: v for k, v in cfg.items() if k not in ("to_bettertransformer",)}
+        gen, rt, meta = {}, {}, {}
+    legacy: list[str] = []
+    kw: dict[str, Any] = {}
+
+    # dtype
+    if "dtype" in fp:
+        kw["dtype"] = parse_dtype(fp["dtype"], "dtype")
+        kw["dtype_key"] = "dtype"
+    if "torch_dtype" in fp:
+        legacy.append("torch_dtype")
+        kw.setdefault("dtype", parse_dtype(fp["torch_dtype"], "torch_dtype"))
+        kw.setdefault("dtype_key", "torch_dtype")
+
+    # attention
+    if "attn_implementation" in fp and fp["attn_implementation"] is not None:
+        attn = fp["attn_implementation"]
+        if not isinstance(attn, str):
+            raise ConfigError(f"attn_implementation: expected a string, found {attn!r}")
+        base = attn.split("|", 1)[1] if attn.startswith("paged|") else attn
+        if base not in ATTN_IMPLEMENTATIONS and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w]+)?", base):
+            raise ConfigError(f"attn_implementation: unknown value {attn!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        kw["attn_implementation"] = attn
+    if "use_flash_attention_2" in fp:
+        legacy.append("use_flash_attention_2")
+        if _bool(fp["use_flash_attention_2"], "use_flash_attention_2"):
+            kw.setdefault("attn_implementation", "flash_attention_2")
+
+    # quantization
+    q = fp.get("quantization_config")
+    if q is not None:
+        if not isinstance(q, Mapping):
+            raise ConfigError("quantization_config: expected an object such as {\"quant_method\": \"bitsandbytes\", \"load_in_4bit\": true}")
+        method = str(q.get("quant_method", "bitsandbytes" if ("load_in_4bit" in q or "load_in_8bit" in q) else "")).lower()
+        if not method:
+            raise ConfigError("quantization_config: quant_method is missing")
+        if method == "bitsandbytes":
+            b4 = _bool(q.get("load_in_4bit", False), "quantization_config.load_in_4bit")
+            b8 = _bool(q.get("load_in_8bit", False), "quantization_config.load_in_8bit")
+            if b4 == b8:
+                raise ConfigError("quantization_config: set exactly one of load_in_4bit or load_in_8bit to true")
+            kw["quantization"] = "bnb-4bit" if b4 else "bnb-8bit"
+            _bnb_options(q, kw, "quantization_config.")
+        else:
+            kw["quantization"] = f"other:{method}"
+    for key in ("load_in_8bit", "load_in_4bit"):
+        if key in fp:
+            legacy.append(key)
+            if _bool(fp[key], key):
+                if kw.get("quantization", "none") not in ("none", "bnb-8bit" if key == "load_in_8bit" else "bnb-4bit"):
+                    raise ConfigError(f"{key} conflicts with the quantization already given")
+                kw["quantization"] = "bnb-8bit" if key == "load_in_8bit" else "bnb-4bit"
+    if any(k in fp for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "llm_int8_enable_fp32_cpu_offload")):
+        _bnb_options(fp, kw, "")
+
+    # placement
+    if "device_map" in fp:
+        kw["device_map"] = _device_map(fp["device_map"], "device_map")
+    if fp.get("max_memory") is not None:
+        kw["max_memory"] = parse_max_memory(fp["max_memory"])
+    if "tp_plan" in fp and fp["tp_plan"] is not None:
+        legacy.append("tp_plan")
+        kw["tp_plan"] = fp["tp_plan"]
+    if fp.get("distributed_config") is not None:
+        kw["distributed_config"] = True
+        dc = fp["distributed_config"]
+        if isinstance(dc, Mapping) and dc.get("tp_plan") is not None:
+            kw["tp_plan"] = dc["tp_plan"]
+
+    # generate and runtime
+    if "cache_implementation" in gen and gen["cache_implementation"] is not None:
+        if gen["cache_implementation"] not in CACHE_IMPLEMENTATIONS:
+            raise ConfigError(f"generate.cache_implementation: unknown value {gen['cache_implementation']!r}; use one of {', '.join(CACHE_IMPLEMENTATIONS)}")
+        kw["cache_implementation"] = gen["cache_implementation"]
+    if "disable_compile" in gen:
+        kw["disable_compile"] = _bool(gen["disable_compile"], "generate.disable_compile")
+    backend = rt.get("sdpa_backend")
+    if backend is not None:
+        if backend not in SDPA_BACKENDS:
+            raise ConfigError(f"runtime.sdpa_backend: unknown value {backend!r}; use one of {', '.join(SDPA_BACKENDS)}")
+        kw["sdpa_backend"] = backend
+    if rt.get("launch") is not None:
+        kw["launch"] = rt["launch"]
+    tb = cfg.get("to_bettertransformer", rt.get("to_bettertransformer", False))
+    if tb:
+        legacy.append("to_bettertransformer")
+        kw["to_bettertransformer"] = _bool(tb, "to_bettertransformer")
+
+    # workload: the caller's, else the one the config was tuned for, else the default
+    if workload is None:
+        w = meta.get("workload") or {}
+        if not isinstance(w, Mapping):
+            raise ConfigError("autotune.workload: expected an object")
+        workload = Workload(
+            batch_size=_int(w.get("batch_size", 1), "autotune.workload.batch_size"),
+            prompt_len=_int(w.get("prompt_len", 512), "autotune.workload.prompt_len"),
+            new_tokens=_int(w.get("new_tokens", 128), "autotune.workload.new_tokens"),
+            padding=_bool(w.get("padding", False), "autotune.workload.padding"),
+        )
+    kw["workload"] = workload
+    if meta.get("tuned_on") is not None:
+        kw["tuned_on"] = meta["tuned_on"]
+    kw["legacy"] = tuple(legacy)
+    kw["unjudged"] = tuple(k for k in fp if k not in _JUDGED)
+    return Candidate(**kw)
+
+
+def _bnb_options(q: Mapping[str, Any], kw: dict[str, Any], prefix: str) -> None:
+    if q.get("bnb_4bit_quant_type") is not None:
+        qt = q["bnb_4bit_quant_type"]
+        if qt not in ("nf4", "fp4"):
+            raise ConfigError(f"{prefix}bnb_4bit_quant_type: expected 'nf4' or 'fp4', found {qt!r}")
+        kw["bnb_4bit_quant_type"] = qt
+    if q.get("bnb_4bit_compute_dtype") is not None:
+        kw["bnb_4bit_compute_dtype"] = parse_dtype(q["bnb_4bit_compute_dtype"], f"{prefix}bnb_4bit_compute_dtype")
+    if "llm_int8_enable_fp32_cpu_offload" in q:
+        kw["fp32_cpu_offload"] = _bool(q["llm_int8_enable_fp32_cpu_offload"], f"{prefix}llm_int8_enable_fp32_cpu_offload")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read a config file (JSON). Raises UserError with one clear line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {p}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return data
+
+
+# ---------------------------------------------------------------------------- applying a config
+def from_pretrained_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` part, made ready for transformers: integer ``max_memory`` keys
+    (JSON makes them strings and accelerate rejects ``"0"``) and a ``BitsAndBytesConfig``."""
+    fp = dict(cfg.get("from_pretrained", cfg))
+    if isinstance(fp.get("max_memory"), Mapping):
+        fp["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in fp["max_memory"].items()}
+    if isinstance(fp.get("device_map"), Mapping):
+        fp["device_map"] = {k: (int(v) if isinstance(v, str) and v.isdigit() else v) for k, v in fp["device_map"].items()}
+    q = fp.get("quantization_config")
+    if isinstance(q, Mapping) and str(q.get("quant_method", "bitsandbytes")).lower() == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        fp["quantization_config"] = BitsAndBytesConfig(**{k: v for k, v in q.items() if k != "quant_method"})
+    return fp
+
+
+def generate_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    gen = dict(cfg.get("generate") or {})
+    if isinstance(gen.get("compile_config"), Mapping):
+        from transformers import CompileConfig
+
+        gen["compile_config"] = CompileConfig(**gen["compile_config"])
+    return gen
+
+
+def apply_runtime(cfg: Mapping[str, Any]) -> None:
+    """Process-wide settings: the SDPA backend (only the chosen one stays enabled)."""
+    backend = (cfg.get("runtime") or {}).get("sdpa_backend")
+    if not backend:
+        return
+    import torch
+
+    toggles = {
+        "flash": torch.backends.cuda.enable_flash_sdp,
+        "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+        "cudnn": torch.backends.cuda.enable_cudnn_sdp,
+        "math": torch.backends.cuda.enable_math_sdp,
+    }
+    for name, toggle in toggles.items():
+        toggle(name == backend)
+
+
+def load(model: str | Path, cfg: Mapping[str, Any], *, model_class: Any = None) -> Any:
+    """Load ``model`` with every part of ``cfg`` applied; returns the model.
+
+    ``generate`` options go into ``model.generation_config`` so a plain ``model.generate``
+    uses them. A config whose ``runtime.launch`` names a multi-process launch raises
+    :class:`UserError` with the command, unless this process is one of those it starts.
+    """
+    import os
+
+    parse_config(cfg)  # validates, raises ConfigError with one line
+    launch = (cfg.get("runtime") or {}).get("launch")
+    if launch and "WORLD_SIZE" not in os.environ:
+        raise UserError(f"this config runs as several processes; start it with: {launch}")
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class  # noqa: N813
+    apply_runtime(cfg)
+    m = model_class.from_pretrained(str(model), **from_pretrained_kwargs(cfg))
+    for key, value in generate_kwargs(cfg).items():
+        setattr(m.generation_config, key, value)
+    return m

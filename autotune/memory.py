@@ -1,0 +1,151 @@
+"""Memory estimate: weights in the chosen dtype / quantization, KV cache, activations, overhead.
+
+Weights come from safetensors headers when the model folder has them (exact bytes per
+tensor), else from the shape in config.json. bitsandbytes leaves embeddings and ``lm_head``
+unquantized (transformers' ``get_keys_to_not_convert``), so they stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from packaging.version import Version
+
+from .config import Candidate
+from .facts import UNKNOWN, Facts
+from .model import ModelSpec
+
+GIB = 1024**3
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+CUDA_CONTEXT = int(0.5 * GIB)  # context + cuBLAS/cuDNN workspaces, as seen on an H100 with torch 2.11
+FRAGMENTATION = 1.10  # the caching allocator's slack over live tensors
+
+
+@dataclass(frozen=True)
+class Estimate:
+    load_dtype: str
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return int((self.weights + self.kv_cache + self.activations) * FRAGMENTATION) + self.overhead
+
+    def gib(self, x: int) -> float:
+        return round(x / GIB, 2)
+
+
+def load_dtype(candidate: Candidate, model: ModelSpec | None, transformers: Any) -> Any:
+    """The dtype weights end up in: the one asked for, else what the facts' transformers does
+    by default (4.x: float32; 5.x: the checkpoint's dtype, like ``dtype="auto"``)."""
+    d = candidate.dtype
+    if d in (None, "auto"):
+        major = Version(transformers).major if isinstance(transformers, str) else UNKNOWN
+        if d is None and major is UNKNOWN:
+            return UNKNOWN
+        if d is None and major < 5:
+            return "float32"
+        if model is None:
+            return UNKNOWN
+        ck = model.checkpoint_dtype
+        return ck if ck in BYTES else "float32"
+    return d
+
+
+def _quantized(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and not any(s in name for s in ("embed", "lm_head", "wte", "wpe", "norm"))
+
+
+def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bool = True) -> Estimate | Any:
+    dtype = load_dtype(candidate, model, facts.package("transformers"))
+    if dtype is UNKNOWN:
+        return UNKNOWN
+    compute = candidate.bnb_4bit_compute_dtype or dtype if candidate.quantization == "bnb-4bit" else dtype
+    if candidate.quantization.startswith("bnb") and candidate.dtype in (None, "auto") and dtype == "float32":
+        compute = "float16"  # transformers loads bnb models' other modules in fp16 when no dtype is given
+    b = BYTES[compute]
+    weights = 0
+    if model.tensors:
+        for t in model.tensors:
+            if candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
+                weights += t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
+            elif candidate.quantization == "bnb-4bit" and _quantized(t.name, t.shape):
+                weights += t.numel // 2 + (t.numel // 64) * 4  # 4 bits + an fp32 absmax per 64-block
+            else:
+                weights += t.numel * b
+    else:
+        if model.param_count is UNKNOWN or any(x is UNKNOWN for x in (model.vocab_size, model.hidden_size)):
+            return UNKNOWN
+        embed = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+        body = model.param_count - embed
+        per = {"bnb-8bit": 1.0 + 4 / max(model.hidden_size, 1), "bnb-4bit": 0.5 + 4 / 64}.get(candidate.quantization, b)
+        weights = int(embed * b + body * per)
+    need = (model.num_layers, model.num_kv_heads, model.head_dim, model.num_heads, model.hidden_size, model.vocab_size)
+    if any(x is UNKNOWN for x in need):
+        return UNKNOWN
+    layers, kv, hd, heads, hidden, vocab = need
+    w = candidate.workload
+    kv_cache = 2 * layers * kv * hd * w.batch_size * w.seq_len * b
+    inter = model.intermediate_size if model.intermediate_size is not UNKNOWN else 4 * hidden
+    act = w.batch_size * w.prompt_len * (4 * hidden + 2 * inter) * b + w.batch_size * vocab * 4
+    if candidate.attn_implementation in ("eager",) or (candidate.attn_implementation in (None, "sdpa") and candidate.sdpa_backend == "math"):
+        act += w.batch_size * heads * w.prompt_len * w.prompt_len * 4  # scores, softmax in fp32
+    return Estimate(load_dtype=dtype, weights=weights, kv_cache=kv_cache, activations=act, overhead=CUDA_CONTEXT if on_gpu else 0)
+
+
+def gpu_budget(facts: Facts, index: int, candidate: Candidate) -> Any:
+    """Bytes this candidate may use on GPU ``index``: its max_memory, else free, else total."""
+    mm = candidate.max_memory or {}
+    if str(index) in mm:
+        return mm[str(index)]
+    g = facts.gpu(index)
+    if g is None:
+        return UNKNOWN
+    if isinstance(g.memory_free_gib, (int, float)):
+        return int(g.memory_free_gib * GIB)
+    if isinstance(g.memory_total_gib, (int, float)):
+        return int(g.memory_total_gib * GIB)
+    return UNKNOWN
+
+
+def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[int]) -> dict[str, Any]:
+    """The ``mem.*`` facts the memory rules read."""
+    est = estimate(candidate, model, facts, on_gpu=bool(gpus_used))
+    if est is UNKNOWN:
+        return {}
+    out: dict[str, Any] = {
+        "need_gib": est.gib(est.total),
+        "weights_gib": est.gib(est.weights),
+        "kv_cache_gib": est.gib(est.kv_cache),
+        "load_dtype": est.load_dtype,
+    }
+    if not gpus_used:
+        host = facts.host if isinstance(facts.host, dict) else {}
+        ram = host.get("ram_available_gib", host.get("ram_gib", UNKNOWN))
+        cpu_budget = candidate.max_memory.get("cpu") if candidate.max_memory and "cpu" in candidate.max_memory else None
+        budget = cpu_budget / GIB if cpu_budget is not None else ram
+        out["budget_gib"] = UNKNOWN if budget is UNKNOWN else round(budget, 2)
+        out["fits"] = UNKNOWN if budget is UNKNOWN else est.total / GIB <= budget
+        out["spills"] = False
+        out["where"] = "CPU RAM"
+        return out
+    budgets = [gpu_budget(facts, i, candidate) for i in gpus_used]
+    if any(b is UNKNOWN for b in budgets):
+        out.update(budget_gib=UNKNOWN, fits=UNKNOWN, spills=UNKNOWN, where="GPU")
+        return out
+    usable = sum(b - est.overhead for b in budgets)
+    out["budget_gib"] = round(sum(budgets) / GIB, 2)
+    out["where"] = ", ".join(f"GPU {i}" for i in gpus_used)
+    on_gpus = est.total - est.overhead <= usable if len(gpus_used) > 1 else est.total <= budgets[0]
+    # With a device_map strategy, accelerate puts what does not fit on the CPU (unless max_memory excludes it).
+    can_spill = candidate.device_map in ("auto", "balanced", "balanced_low_0", "sequential") and (
+        not candidate.max_memory or "cpu" in candidate.max_memory
+    )
+    out["fits"] = on_gpus or can_spill
+    out["spills"] = (not on_gpus) and can_spill
+    if out["spills"]:
+        out["spill_gib"] = round((est.total - est.overhead * len(gpus_used) - usable) / GIB, 2)
+    return out

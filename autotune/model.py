@@ -1,0 +1,206 @@
+"""ModelSpec: what a model is, from ``config.json`` and safetensors headers, without weights.
+
+Attention capabilities (``_supports_sdpa``, flash, flex) are read from the *installed*
+transformers' modeling source as text (no import), and the spec records which version
+that was, so a finding can say when the facts describe another transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UserError
+from .facts import UNKNOWN
+
+# bytes per element of safetensors dtypes
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code: F32, BF16, ...
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _ST_BYTES.get(self.dtype, 4)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    model_type: Any = UNKNOWN
+    architectures: tuple[str, ...] = ()
+    hidden_size: Any = UNKNOWN
+    intermediate_size: Any = UNKNOWN
+    num_layers: Any = UNKNOWN
+    num_heads: Any = UNKNOWN
+    num_kv_heads: Any = UNKNOWN
+    head_dim: Any = UNKNOWN
+    vocab_size: Any = UNKNOWN
+    max_positions: Any = UNKNOWN
+    checkpoint_dtype: Any = UNKNOWN  # "bfloat16", ... as written in config.json / the tensors
+    tie_word_embeddings: bool = False
+    quantization: Any = None  # a quantization_config already in config.json
+    tensors: tuple[Tensor, ...] = ()  # from safetensors headers; empty if none were found
+    param_count: Any = UNKNOWN
+    param_count_exact: bool = False
+    supports: Mapping[str, Any] = field(default_factory=dict)  # sdpa / flash_attn / flex_attn -> bool
+    supports_source: Any = UNKNOWN  # "transformers 5.17.0 models/llama/modeling_llama.py"
+    supports_transformers: Any = UNKNOWN  # the version the capabilities were read from
+
+    @property
+    def gqa(self) -> Any:
+        if self.num_heads is UNKNOWN or self.num_kv_heads is UNKNOWN:
+            return UNKNOWN
+        return self.num_kv_heads < self.num_heads
+
+    def get(self, name: str) -> Any:
+        if name.startswith("supports."):
+            return self.supports.get(name.split(".", 1)[1], UNKNOWN)
+        if name == "gqa":
+            return self.gqa
+        if name == "architecture":
+            return self.architectures[0] if self.architectures else UNKNOWN
+        return getattr(self, name, UNKNOWN)
+
+
+def read_model(path: str | Path, *, transformers_root: Path | None | Any = UNKNOWN) -> ModelSpec:
+    """Read a local model folder. Raises :class:`UserError` for a missing or malformed one."""
+    p = Path(path)
+    cfg_path = p / "config.json"
+    if not p.exists():
+        raise UserError(f"model folder not found: {p}")
+    if not cfg_path.is_file():
+        raise UserError(f"{p} has no config.json (is it a model folder?)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object")
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    g = lambda *keys: next((c[k] for k in keys for c in (cfg, text_cfg) if isinstance(c.get(k), int)), UNKNOWN)  # noqa: E731
+    hidden = g("hidden_size", "n_embd", "d_model", "dim")
+    heads = g("num_attention_heads", "n_head", "num_heads", "n_heads")
+    kv = g("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
+    if kv is UNKNOWN and heads is not UNKNOWN:
+        kv = 1 if cfg.get("multi_query") else heads
+    head_dim = g("head_dim")
+    if head_dim is UNKNOWN and hidden is not UNKNOWN and heads not in (UNKNOWN, 0):
+        head_dim = hidden // heads
+    ckpt_dtype = cfg.get("dtype", cfg.get("torch_dtype", UNKNOWN))
+    tensors = _read_safetensors(p)
+    if tensors and ckpt_dtype is UNKNOWN:
+        floats = [t.dtype for t in tensors if t.dtype in _ST_DTYPE]
+        if floats:
+            ckpt_dtype = _ST_DTYPE[max(set(floats), key=floats.count)]
+    spec = ModelSpec(
+        path=str(p),
+        model_type=cfg.get("model_type", UNKNOWN),
+        architectures=tuple(cfg.get("architectures") or ()),
+        hidden_size=hidden,
+        intermediate_size=g("intermediate_size", "n_inner", "ffn_dim"),
+        num_layers=g("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        vocab_size=g("vocab_size"),
+        max_positions=g("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
+        checkpoint_dtype=ckpt_dtype,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        quantization=cfg.get("quantization_config"),
+        tensors=tuple(tensors),
+    )
+    count, exact = (sum(t.numel for t in tensors), True) if tensors else (_estimate_params(spec), False)
+    caps, source, tver = model_capabilities(spec.model_type, transformers_root=transformers_root)
+    return _replace(spec, param_count=count, param_count_exact=exact, supports=caps, supports_source=source, supports_transformers=tver)
+
+
+def _replace(spec: ModelSpec, **kw: Any) -> ModelSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, **kw)
+
+
+def _read_safetensors(folder: Path) -> list[Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    out: list[Tensor] = []
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header too large")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            out.append(Tensor(name=name, shape=tuple(meta["shape"]), dtype=meta["dtype"]))
+    return out
+
+
+def _estimate_params(spec: ModelSpec) -> Any:
+    """A decoder's parameter count from its shape (used when no safetensors are there)."""
+    need = (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size)
+    if any(x is UNKNOWN for x in need):
+        return UNKNOWN
+    h, n_layers, heads, kv, hd, vocab = need
+    inter = spec.intermediate_size if spec.intermediate_size is not UNKNOWN else 4 * h
+    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h
+    mlp = 3 * h * inter if spec.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3") else 2 * h * inter
+    total = vocab * h + n_layers * (attn + mlp + 2 * h) + h
+    if not spec.tie_word_embeddings:
+        total += vocab * h
+    return total
+
+
+_CAP_ATTRS = {"sdpa": "_supports_sdpa", "flash_attn": "_supports_flash_attn", "flex_attn": "_supports_flex_attn"}
+
+
+def model_capabilities(model_type: Any, *, transformers_root: Path | None | Any = UNKNOWN) -> tuple[dict[str, Any], Any, Any]:
+    """Which attention implementations the installed transformers declares for ``model_type``.
+
+    Read from ``transformers/models/<type>/modeling_<type>.py`` as text: a class attribute
+    ``_supports_sdpa = True`` (etc.) on the model's PreTrainedModel. No import, so it is fast
+    and works without torch. Returns ({}, UNKNOWN, UNKNOWN) when it cannot tell.
+    """
+    if not isinstance(model_type, str):
+        return {}, UNKNOWN, UNKNOWN
+    if transformers_root is UNKNOWN:
+        spec = importlib.util.find_spec("transformers")
+        transformers_root = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    if transformers_root is None:
+        return {}, UNKNOWN, UNKNOWN
+    try:
+        tver = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        tver = UNKNOWN
+    folder = model_type.replace("-", "_")
+    f = Path(transformers_root) / "models" / folder / f"modeling_{folder}.py"
+    if not f.is_file():
+        return {}, UNKNOWN, tver
+    text = f.read_text(encoding="utf-8", errors="replace")
+    caps = {}
+    for key, attr in _CAP_ATTRS.items():
+        values = re.findall(rf"^\s+{attr}\s*=\s*(True|False)\b", text, re.M)
+        caps[key] = "True" in values  # absent: PreTrainedModel's default, False
+    return caps, f"transformers {tver} models/{folder}/modeling_{folder}.py", tver
