@@ -1,0 +1,176 @@
+"""The command line: parse arguments, call one API function, print what it returns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import RuleFileError, UserError
+
+EXIT_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _facts_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--facts", metavar="FILE", help="judge the machine described in FILE (from `autotune probe --json`)")
+    g.add_argument("--target", metavar="NAME", help="judge a built-in profile (see `autotune targets`), e.g. t4, 2xh100, t4+a100-80gb")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one fact, e.g. packages.flash-attn=2.8.3, gpus.count=2, packages.optimum=null (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autotune", description="Compatibility checker and auto-tuner for Hugging Face transformers inference.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"autotune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("probe", help="what is on this machine (NVML and package metadata; no torch import)")
+    p.add_argument("--json", action="store_true", help="print the facts file (DESIGN.md contract)")
+    p.add_argument("--deep", action="store_true", help="also import torch & co. in a subprocess (with a timeout)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the facts file to FILE")
+
+    p = sub.add_parser("doctor", help="every option's verdict on this machine (or a described one), and what is broken")
+    _facts_args(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--deep", action="store_true", help="run the checks that need imports (subprocess, with a timeout)")
+    p.add_argument("--model", metavar="DIR", help="also judge against this local model folder (config.json only)")
+
+    p = sub.add_parser("check", help="judge a config dict (or from_pretrained kwargs) before deployment; exit 1 on errors")
+    p.add_argument("config", metavar="CONFIG", help="a JSON file: a config from `autotune tune`, or bare from_pretrained kwargs")
+    _facts_args(p)
+    p.add_argument("--model", metavar="DIR", help="a local model folder (config.json and safetensors headers are read)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 also when a rule could not be evaluated")
+    p.add_argument("--batch-size", type=int, help="workload to judge memory for (default: the config's, else 1)")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--padding", action="store_true", help="batches are padded (varied prompt lengths)")
+
+    p = sub.add_parser("rules", help="list the rules, or explain one")
+    p.add_argument("rule", nargs="?", metavar="ID", help="a rule ID, e.g. ATTN-FA2-ARCH")
+    p.add_argument("--markdown", action="store_true", help="print docs/rules.md")
+
+    sub.add_parser("targets", help="the built-in target profiles")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_INPUT
+    try:
+        return _dispatch(args)
+    except (UserError, RuleFileError) as e:
+        print(f"autotune: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless debugging
+        if os.environ.get("AUTOTUNE_DEBUG"):
+            raise
+        print(f"autotune: internal error: {type(e).__name__}: {e} (set AUTOTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "probe":
+        from .probe import probe
+        from .render import facts_lines
+
+        facts = probe(deep=args.deep)
+        if args.output:
+            from pathlib import Path
+
+            try:
+                Path(args.output).write_text(facts.to_json() + "\n", encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write {args.output}: {e}") from None
+        if args.json:
+            print(facts.to_json())
+        elif not args.output:
+            print("\n".join(facts_lines(facts.to_dict())))
+        return 0
+
+    if cmd == "doctor":
+        from .check import resolve_facts
+        from .doctor import doctor
+        from .model import read_model
+        from .render import doctor_text
+
+        if args.deep and (args.facts or args.target):
+            raise UserError("--deep probes this machine; it cannot be combined with --facts or --target")
+        if args.deep:
+            from .probe import probe
+
+            facts = resolve_facts(facts=probe(deep=True), overrides=args.overrides)
+        else:
+            facts = resolve_facts(facts_file=args.facts, target=args.target, overrides=args.overrides)
+        report = doctor(facts, read_model(args.model) if args.model else None)
+        _print_json(report) if args.json else print(doctor_text(report))
+        return report["exit_code"]
+
+    if cmd == "check":
+        from .check import check, exit_code
+        from .config import Workload, read_config
+        from .render import check_text
+
+        workload = None
+        if any(v is not None for v in (args.batch_size, args.prompt_len, args.new_tokens)) or args.padding:
+            for name in ("batch_size", "prompt_len", "new_tokens"):
+                v = getattr(args, name)
+                if v is not None and v < 1:
+                    raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            workload = Workload(
+                batch_size=args.batch_size or 1, prompt_len=args.prompt_len or 512, new_tokens=args.new_tokens or 128, padding=args.padding
+            )
+        report = check(
+            read_config(args.config), facts_file=args.facts, target=args.target, overrides=args.overrides, model=args.model, workload=workload
+        )
+        _print_json(report) if args.json else print(check_text(report))
+        return exit_code(report, strict=args.strict)
+
+    if cmd == "rules":
+        from .render import rule_text, rules_table
+        from .rules import default_rules
+        from .rulesdoc import rules_markdown
+
+        rules = default_rules()
+        if args.markdown:
+            print(rules_markdown(rules), end="")
+            return 0
+        if args.rule:
+            match = [r for r in rules if r.id == args.rule.upper() or r.name == args.rule]
+            if not match:
+                raise UserError(f"unknown rule {args.rule!r}; `autotune rules` lists them")
+            print(rule_text(match[0]))
+            return 0
+        print(rules_table(rules))
+        return 0
+
+    if cmd == "targets":
+        from .profiles import describe_targets
+
+        for name, desc in describe_targets():
+            print(f"{name:12} {desc}")
+        print("Combine: 2xh100-80gb (two of them), t4+a100-80gb (mixed); override with --set KEY=VALUE.")
+        return 0
+    raise UserError(f"unknown command {cmd!r}")

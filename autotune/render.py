@@ -1,0 +1,136 @@
+"""Human-readable views of what the API returns. No logic beyond layout."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any, Iterable, Mapping
+
+_MARK = {"available": "ok  ", "unavailable": "NO  ", "warning": "warn", "not evaluated": "?   "}
+_SEV = {"error": "error  ", "warning": "warning", "info": "info   "}
+
+
+def _wrap(text: str, indent: int) -> str:
+    return textwrap.fill(text, width=100, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+
+def facts_lines(facts: Mapping[str, Any]) -> list[str]:
+    out = [f"Machine ({facts.get('source', '?')}{', ' + facts['taken_at'] if facts.get('taken_at') else ''})"]
+    gpus = facts.get("gpus")
+    if gpus is None:
+        out.append("  GPUs: unknown")
+    elif not gpus:
+        nv = facts.get("nvml", {})
+        reason = f" (NVML: {nv.get('status')})" if nv and nv.get("status") not in (None, "ok", "no-library") else ""
+        out.append(f"  GPUs: none{reason}")
+    for g in gpus or []:
+        mem = f"{g.get('memory_total_gib', '?')} GiB"
+        if "memory_free_gib" in g:
+            mem += f", {g['memory_free_gib']} free"
+        extra = []
+        if g.get("other_processes"):
+            extra.append(f"{g['other_processes']} other process(es) hold {g.get('memory_used_by_others_gib', '?')} GiB")
+        if g.get("mig_mode"):
+            extra.append("MIG on")
+        if g.get("clock_event_reasons"):
+            extra.append("clocks: " + ",".join(g["clock_event_reasons"]))
+        out.append(f"  GPU {g.get('index')}: {g.get('name', '?')}  sm{str(g.get('compute_capability', '?')).replace('.', '')}  {mem}" + (f"  [{'; '.join(extra)}]" if extra else ""))
+    for link in facts.get("links") or []:
+        kind = f"NVLink x{link['nvlink_links']}" if link.get("nvlink_links") else f"PCIe ({link.get('topology', '?')})"
+        out.append(f"  GPU {link['a']} <-> GPU {link['b']}: {kind}, P2P {'yes' if link.get('p2p') else 'no' if link.get('p2p') is False else '?'}")
+    drv = facts.get("driver") or {}
+    if drv:
+        out.append(f"  Driver {drv.get('version', '?')} (CUDA {drv.get('cuda', '?')})")
+    pk = facts.get("packages", {})
+    names = ["torch", "transformers", "accelerate", "optimum", "bitsandbytes", "flash-attn", "flash-attn-3", "flash-attn-4", "kernels", "triton"]
+    shown = [f"{n} {pk[n] if pk.get(n) else '-'}" for n in names if n in pk]
+    if shown:
+        tc = facts.get("torch_cuda", "?")
+        out.append("  " + ", ".join(shown[:3]) + f" (torch CUDA: {tc if tc else 'none, CPU build'})")
+        out.append("  " + ", ".join(shown[3:]))
+    host = facts.get("host") or {}
+    if host:
+        flags = ",".join(host.get("cpu_flags", [])) or "-"
+        out.append(f"  Host: Python {host.get('python', '?')}, {host.get('cpu', host.get('machine', '?'))}, {host.get('cpu_count', '?')} cores, {host.get('ram_gib', '?')} GiB RAM, CPU flags: {flags}")
+    return out
+
+
+def doctor_text(report: Mapping[str, Any]) -> str:
+    lines = facts_lines(report["facts"])
+    lines.append("")
+    lines.append("Options")
+    axis = None
+    for opt in report["options"]:
+        if opt["option"] != axis:
+            axis = opt["option"]
+            lines.append(f"  {axis}")
+        lines.append(f"    [{_MARK[opt['status']]}] {opt['value']}" + ("" if opt["findings"] or opt["status"] != "not evaluated" else f"  (needs: {', '.join(opt['needs'])})"))
+        for f in opt["findings"]:
+            if f["severity"] == "info" and opt["status"] != "available":
+                continue
+            lines.append(_wrap(f"{f['rule']}: {f['message']}", 12))
+            lines.append(_wrap(f"fix: {f['fix']}", 12))
+    lines.append("")
+    inst = report["installation"]
+    if inst["findings"]:
+        lines.append("Installation")
+        for f in inst["findings"]:
+            lines.append(f"  {_SEV[f['severity']]} {f['rule']}")
+            lines.append(_wrap(f["message"], 10))
+            lines.append(_wrap(f"fix: {f['fix']}", 10))
+    else:
+        lines.append("Installation: nothing broken found.")
+    deep = sorted({r["rule"] for r in inst["not_evaluated"]})
+    if deep:
+        lines.append(_wrap(f"Not evaluated without --deep (or unknown in these facts): {', '.join(deep)}", 2))
+    return "\n".join(lines)
+
+
+def check_text(report: Mapping[str, Any]) -> str:
+    lines = [f"Checked {report['candidate']} against {report['facts']['source']}: " + ("OK" if report["ok"] else "FAILS")]
+    for f in sorted(report["findings"], key=lambda f: ("error", "warning", "info").index(f["severity"])):
+        where = f" (GPU {f['gpu']})" if "gpu" in f else ""
+        lines.append(f"  {_SEV[f['severity']]} {f['rule']}{where}")
+        lines.append(_wrap(f["message"], 10))
+        lines.append(_wrap(f"fix: {f['fix']}", 10))
+        lines.append(_wrap(f"source: {f['source']}", 10))
+    for n in report["not_evaluated"]:
+        lines.append(f"  not evaluated: {n['rule']} (needs {', '.join(n['needs'])})")
+    return "\n".join(lines)
+
+
+def rules_table(rules: Iterable[Any]) -> str:
+    rows = [f"{'ID':40} {'severity':8} {'option':20} name"]
+    for r in rules:
+        status = "" if r.active else f"  ({r.status})"
+        rows.append(f"{r.id:40} {r.severity:8} {r.option:20} {r.name}{status}")
+    return "\n".join(rows)
+
+
+def rule_text(rule: Any) -> str:
+    """One rule's page: the same template as docs/rules.md."""
+    return rule_markdown(rule, heading="#")
+
+
+def rule_markdown(rule: Any, heading: str = "##") -> str:
+    lines = [f"{heading} {rule.id} `{rule.name}`", ""]
+    lines.append(f"- severity: {rule.severity}; option: `{rule.option}`; scope: {rule.scope}; file: `rules/{rule.file}`" + ("" if rule.active else f"; status: {rule.status}"))
+    lines += ["", "**What it says.** " + rule.message.replace("\n", " ")]
+    if rule.why:
+        lines += ["", "**Why.** " + rule.why]
+    lines += ["", "**Fix.** " + rule.fix]
+    ex = [e for e in rule.examples]
+    if ex:
+        lines += ["", "**Examples.**"]
+        for e in ex:
+            where = e.target or "facts"
+            if e.set:
+                where += " + " + ", ".join(e.set)
+            lines.append(f"- {'fires' if e.fires else 'does not fire'} on {where}: `{_compact(e.candidate)}`" + (f" — {e.note}" if e.note else ""))
+    lines += ["", "**Sources.**"] + [f"- {s}" for s in rule.sources] + [""]
+    return "\n".join(lines)
+
+
+def _compact(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(", ", ": ")) if obj else "{}"
