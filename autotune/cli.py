@@ -60,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print docs/rules.md")
 
     sub.add_parser("targets", help="the built-in target profiles")
+
+    p = sub.add_parser("tune", help="measure the options that run here and print the fastest working config")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a local model folder (default: a small random Llama built locally)")
+    _facts_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--padding", action="store_true", help="rows of different lengths, left-padded")
+    p.add_argument("--objective", choices=["throughput", "latency", "memory"], default="throughput")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
+    p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--quantization", choices=["auto", "always", "never"], default="auto",
+                   help="auto: only for --objective memory or when the model does not fit")
+    p.add_argument("--min-throughput", type=float, default=0.0, metavar="TOK_S", help="with --objective memory: the floor in tokens/s")
+    p.add_argument("--reps", type=int, default=3, help="timed generate calls per candidate run")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-candidate timeout")
+    p.add_argument("--no-cache", action="store_true", help="measure afresh; do not read or write the result cache")
+    p.add_argument("--json", action="store_true", help="print the full report (every candidate's measurements)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the config dict to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the candidates side by side (needs matplotlib)")
     return parser
 
 
@@ -166,6 +186,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(rules_table(rules))
         return 0
 
+    if cmd == "tune":
+        return _tune(args)
+
     if cmd == "targets":
         from .profiles import describe_targets
 
@@ -174,3 +197,53 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("Combine: 2xh100-80gb (two of them), t4+a100-80gb (mixed); override with --set KEY=VALUE.")
         return 0
     raise UserError(f"unknown command {cmd!r}")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .check import resolve_facts
+    from .render import tune_text
+    from .tuner import tune
+
+    facts = None
+    if args.facts or args.target or args.overrides:
+        facts = resolve_facts(facts_file=args.facts, target=args.target, overrides=args.overrides)
+    bar = None
+    if not args.json and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        tqdm.monitor_interval = 0
+        bar = tqdm(total=1, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(label: str, done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = max(total, done + 1)
+            bar.n = done
+            bar.set_description(label[:40])
+            bar.refresh()
+        elif not args.json:
+            print(f"[{done + 1}/{total}] {label}", file=sys.stderr, flush=True)
+
+    try:
+        result = tune(args.model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens, padding=args.padding,
+                      objective=args.objective, time_budget=args.time_budget, facts=facts, max_memory=args.max_memory,
+                      quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
+                      candidate_timeout=args.timeout, progress=progress, report=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.output:
+        try:
+            Path(args.output).write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e}") from None
+    if args.plot:
+        from .plot import plot_trials
+
+        plot_trials(result, args.plot)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(tune_text(result))
+    return 0 if result.config else 1

@@ -134,3 +134,45 @@ def _compact(obj: Any) -> str:
     import json
 
     return json.dumps(obj, separators=(", ", ": ")) if obj else "{}"
+
+
+def tune_text(result: Any) -> str:
+    """The final table: candidate, status, tokens/s, TTFT, peak memory, reason; then the config."""
+    import json as _json
+
+    lines = []
+    w = result.workload
+    head = "Predicted" if not result.measured else "Measured"
+    lines.append(f"{head} on {result.facts.source}: model {result.model.path} ({result.model.param_count:,} parameters)" if isinstance(result.model.param_count, int) else f"{head}: {result.model.path}")
+    lines.append(f"Workload: batch {w.batch_size}, prompt {w.prompt_len}, {w.new_tokens} new tokens{', padded' if w.padding else ''}; objective {result.objective}; {result.wall_s:.0f} s")
+    if result.trials and result.measured:
+        lines.append("")
+        lines.append(f"{'candidate':46} {'status':12} {'tok/s':>8} {'95% CI':>15} {'TTFT ms':>8} {'peak GiB':>8} {'est GiB':>7}  reason")
+        for t in result.trials:
+            s = t.to_dict().get("summary") or {}
+            ci = s.get("decode_tok_s_ci95")
+            peak = s.get("gpu_peak_gib") if s.get("gpu_peak_gib") is not None else s.get("host_peak_gib")
+            mark = "*" if result.pick is t else " "
+            cells = [
+                f"{mark}{t.label[:45]:45}",
+                f"{t.status:12}",
+                f"{s['decode_tok_s']:8.1f}" if s.get("decode_tok_s") is not None else f"{'-':>8}",
+                f"{ci[0]:7.1f}-{ci[1]:<7.1f}" if ci else f"{'-':>15}",
+                f"{s['ttft_ms']:8.1f}" if s.get("ttft_ms") is not None else f"{'-':>8}",
+                f"{peak:8.2f}" if isinstance(peak, (int, float)) else f"{'-':>8}",
+                f"{t.estimate_gib:7.2f}" if isinstance(t.estimate_gib, (int, float)) else f"{'-':>7}",
+            ]
+            lines.append(" ".join(cells) + "  " + (t.reason[:110] if t.reason else ""))
+        lines.append("(* the pick; peak is GPU memory on a GPU, host RSS on the CPU; est is autotune's estimate)")
+    if result.pick is not None and result.baseline is not None and result.baseline.status == "ok" and result.measured:
+        b, p = result.baseline.median("decode_tok_s"), result.pick.median("decode_tok_s")
+        if b and p:
+            lines.append(f"Pick vs transformers' defaults: {p:.1f} vs {b:.1f} tok/s ({p / b:.2f}x)")
+    if result.capacity:
+        c = result.capacity
+        lines.append(f"Capacity of the pick (memory model, calibration x{c.get('calibration')}): batch up to {c.get('max_batch_size')} at this prompt length; prompt up to {c.get('max_prompt_len')} tokens at this batch size")
+    for n in result.notes:
+        lines.append(_wrap(f"note: {n}", 0))
+    lines.append("")
+    lines.append(_json.dumps(result.config, indent=2) if result.config else "No working configuration found.")
+    return "\n".join(lines)

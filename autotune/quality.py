@@ -1,0 +1,62 @@
+"""Is a candidate's output sane? Compare its logits with a reference's, on the same tokens.
+
+Each candidate saves the raw logits of several generation steps over a forced, fixed token
+history (``worker._ForceTokens``), padded rows included. Two measures work on random
+weights, where text quality means nothing: the mean KL divergence KL(reference || candidate)
+per position, and top-1 agreement. The tolerance is set against a noise floor: the KL
+between the reference (float32) and a known-good lower precision of the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# A known-good half precision typically lands within a few times the floor; a quantized model
+# further. The factors are deliberately loose: they exist to catch broken kernels (NaN,
+# garbage), not to rank precision. docs/PERFORMANCE.md lists the measured values.
+FLOOR_FACTOR = 50.0
+QUANTIZED_FACTOR = 2000.0
+MIN_TOLERANCE = 1e-3
+MIN_TOP1 = 0.5
+
+
+def load_logits(directory: str | Path) -> Any:
+    import torch
+
+    path = Path(directory) / "logits.pt"
+    return torch.load(path, map_location="cpu").float() if path.is_file() else None
+
+
+def compare(reference: Any, candidate: Any) -> dict[str, float]:
+    """Mean KL(ref || cand) per position (nats) and top-1 agreement, ignoring tokens both mask (-inf)."""
+    import torch
+
+    if reference.shape != candidate.shape:
+        return {"kl": float("inf"), "top1": 0.0}
+    both_masked = torch.isinf(reference) & torch.isinf(candidate) & (reference < 0) & (candidate < 0)
+    ref = reference.masked_fill(both_masked, -1e4)
+    cand = candidate.masked_fill(both_masked, -1e4)
+    if torch.isnan(cand).any() or torch.isposinf(cand).any():
+        return {"kl": float("inf"), "top1": 0.0, "nan": True}
+    lp = torch.log_softmax(ref, dim=-1)
+    lq = torch.log_softmax(cand, dim=-1)
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)  # 0 * log 0 = 0
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
+    return {"kl": max(0.0, float(kl.mean())), "top1": float(top1)}  # rounding can make a tiny KL negative
+
+
+def tolerance(floor: float, quantized: bool) -> float:
+    return max(floor * (QUANTIZED_FACTOR if quantized else FLOOR_FACTOR), MIN_TOLERANCE)
+
+
+def verdict(measure: dict[str, float], floor: float, quantized: bool) -> tuple[bool, str]:
+    tol = tolerance(floor, quantized)
+    if measure.get("nan"):
+        return False, "logits contain NaN/inf"
+    if measure["kl"] > tol:
+        return False, f"logits disagree with the reference: KL {measure['kl']:.3g} > tolerance {tol:.3g} (noise floor {floor:.3g})"
+    if not quantized and measure["top1"] < MIN_TOP1:
+        return False, f"top-1 agreement {measure['top1']:.0%} with the reference is below {MIN_TOP1:.0%}"
+    return True, ""

@@ -1,0 +1,856 @@
+"""tune(): measure the options that can run on this machine and return the fastest that works.
+
+The search runs in stages, each carrying only the best option forward:
+
+1. attention (at the preferred dtype: bf16 on Ampere+, fp16 below, fp32 on the CPU);
+   SDPA backends as separate options when the prompt is long enough for them to matter;
+2. dtype (with the best attention);
+3. KV cache and compilation (dynamic; static, compiled by transformers on CUDA; static
+   with ``disable_compile``);
+4. quantization (bitsandbytes 8-bit, 4-bit NF4/FP4) for the memory objective, when asked,
+   or when the model does not fit otherwise;
+placement (``{"": 0}``, else ``device_map="auto"`` with ``max_memory``) follows the memory fit.
+
+Rules and the memory estimate drop what cannot run before anything is loaded. The finalists
+are re-measured head to head in fresh processes before the pick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import __version__
+from .config import Workload, parse_config, parse_max_memory
+from .engine import run as run_rules
+from .errors import UserError
+from .facts import UNKNOWN, Facts
+from .memory import GIB, estimate
+from .model import ModelSpec, read_model
+from .quality import compare, verdict
+
+OBJECTIVES = ("throughput", "latency", "memory")
+STATUS_OK = "ok"
+
+
+@dataclass
+class Trial:
+    label: str
+    stage: str
+    config: dict[str, Any]
+    simplicity: int = 0  # lower is simpler: no quantization, no extra package, no compile
+    status: str = "planned"  # planned / dropped / ok / wrong / error / crashed / timeout / not measured
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+    estimate_gib: Any = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    # ---- aggregated measurements
+    def values(self, key: str) -> list[float]:
+        out = []
+        for r in self.results:
+            if r.get("status") == STATUS_OK:
+                out += [run[key] for run in r.get("runs", []) if key in run]
+        return out
+
+    def median(self, key: str) -> float | None:
+        v = self.values(key)
+        return statistics.median(v) if v else None
+
+    def ci(self, key: str) -> tuple[float, float] | None:
+        return bootstrap_ci(self.values(key))
+
+    def metric(self, key: str) -> Any:
+        vals = [r[key] for r in self.results if r.get("status") == STATUS_OK and key in r]
+        return vals[-1] if vals else None
+
+    def gpu_peak_gib(self) -> float | None:
+        peaks = [sum(r["gpu_peak_gib"].values()) for r in self.results if r.get("status") == STATUS_OK and r.get("gpu_peak_gib")]
+        return max(peaks) if peaks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "label": self.label,
+            "stage": self.stage,
+            "status": self.status,
+            "reason": self.reason,
+            "warnings": self.warnings,
+            "config": self.config,
+            "estimate_gib": self.estimate_gib,
+            "quality": self.quality,
+            "measurements": self.results,
+        }
+        if self.status == STATUS_OK:
+            d["summary"] = summary(self)
+        return d
+
+
+def bootstrap_ci(values: list[float], n: int = 500, seed: int = 0) -> tuple[float, float] | None:
+    """95 % bootstrap interval of the median (deterministic)."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0], values[0]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def summary(t: Trial) -> dict[str, Any]:
+    ci = t.ci("decode_tok_s")
+    return {
+        "decode_tok_s": _r(t.median("decode_tok_s")),
+        "decode_tok_s_ci95": [_r(ci[0]), _r(ci[1])] if ci else None,
+        "ttft_ms": _r((t.median("ttft_s") or 0) * 1000),
+        "total_s": _r(t.median("total_s"), 3),
+        "itl_p50_ms": _r((t.metric("itl_p50_s") or 0) * 1000),
+        "itl_p99_ms": _r((t.metric("itl_p99_s") or 0) * 1000),
+        "load_s": _r(t.metric("load_s"), 2),
+        "compile_s": _r(t.metric("compile_s"), 1),
+        "gpu_peak_gib": t.gpu_peak_gib(),
+        "host_peak_gib": t.metric("host_peak_gib"),
+        "runs": len(t.values("decode_tok_s")),
+    }
+
+
+def _r(x: Any, nd: int = 1) -> Any:
+    return None if x is None else round(x, nd)
+
+
+# ---------------------------------------------------------------------------- candidates
+def _config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
+            quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None) -> dict[str, Any]:
+    fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    if device_map is not None:
+        fp["device_map"] = device_map
+    if max_memory:
+        fp["max_memory"] = max_memory
+    if quant:
+        q: dict[str, Any] = {"quant_method": "bitsandbytes"}
+        if quant == "bnb-8bit":
+            q["load_in_8bit"] = True
+        else:
+            q.update(load_in_4bit=True, bnb_4bit_quant_type=quant.split("-")[-1], bnb_4bit_compute_dtype=compute or dtype)
+        fp["quantization_config"] = q
+    gen: dict[str, Any] = {}
+    if cache:
+        gen["cache_implementation"] = cache
+        gen["disable_compile"] = not compile_
+    return {"from_pretrained": fp, "generate": gen, "runtime": {"sdpa_backend": backend}}
+
+
+def label_of(cfg: dict[str, Any]) -> str:
+    return parse_config(cfg).label()
+
+
+def _simplicity(attn: str, quant: str | None, cache: str | None, compile_: bool, backend: str | None) -> int:
+    s = 0
+    s += {"sdpa": 0, "eager": 1, "flex_attention": 2}.get(attn, 3)  # flash_attention_* need an extra package
+    s += 10 if quant else 0
+    s += 2 if backend else 0
+    s += (1 if compile_ else 3) if cache else 0
+    return s
+
+
+@dataclass
+class Plan:
+    device: str  # "cuda" / "cpu"
+    half: str  # the preferred half precision
+    first_dtype: str
+    placement: dict[str, Any]
+    fits: bool
+    note: str = ""
+
+
+def preferred(facts: Facts) -> tuple[str, str]:
+    """(device, preferred dtype) for this machine."""
+    gpus = facts.gpus if facts.gpus is not UNKNOWN else ()
+    cuda = bool(gpus) and facts.torch_cuda not in (None, UNKNOWN)
+    if not cuda:
+        flags = (facts.host or {}).get("cpu_flags", []) if isinstance(facts.host, dict) else []
+        return "cpu", "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    ampere = all(g.capability is not None and g.capability.at_least(8) for g in gpus)
+    return "cuda", "bfloat16" if ampere else "float16"
+
+
+# ---------------------------------------------------------------------------- the tuner
+@dataclass
+class TuneResult:
+    config: dict[str, Any]
+    trials: list[Trial]
+    pick: Trial | None
+    baseline: Trial | None
+    facts: Facts
+    model: ModelSpec
+    workload: Workload
+    objective: str
+    wall_s: float
+    measured: bool
+    notes: list[str] = field(default_factory=list)
+    capacity: dict[str, Any] = field(default_factory=dict)
+    quality_floor: Any = None
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "config": self.config,
+            "pick": self.pick.label if self.pick else None,
+            "baseline": self.baseline.label if self.baseline else None,
+            "measured": self.measured,
+            "objective": self.objective,
+            "workload": dataclasses.asdict(self.workload),
+            "wall_s": round(self.wall_s, 1),
+            "interrupted": self.interrupted,
+            "quality_floor_kl": self.quality_floor,
+            "capacity": self.capacity,
+            "notes": self.notes,
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+
+class Tuner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        facts: Facts,
+        workload: Workload,
+        objective: str = "throughput",
+        time_budget: float | None = None,
+        quantization: str = "auto",
+        max_memory: dict[str, int] | None = None,
+        min_throughput: float = 0.0,
+        reps: int = 3,
+        finalist_rounds: int = 2,
+        runner: Any = None,
+        cache: "ResultCache | None" = None,
+        faults: dict[str, str] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        candidate_timeout: float | None = None,
+    ) -> None:
+        """``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt."""
+        if objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if quantization not in ("auto", "always", "never"):
+            raise UserError("quantization must be auto, always or never")
+        self.path = str(model_path)
+        self.model = read_model(model_path)
+        self.facts = facts
+        self.workload = workload
+        self.objective = objective
+        self.time_budget = time_budget
+        self.quantization = quantization
+        self.max_memory = max_memory
+        self.min_throughput = min_throughput
+        self.reps = reps
+        self.finalist_rounds = finalist_rounds
+        self.runner = runner
+        self.cache = cache
+        self.faults = faults or {}
+        self.progress = progress or (lambda label, done, total: None)
+        self.candidate_timeout = candidate_timeout
+        self.trials: list[Trial] = []
+        self.notes: list[str] = []
+        self.start = time.perf_counter()
+        self.device, self.half = preferred(facts)
+        self.calibration: list[float] = []
+
+    # ---- helpers
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def budget_left(self) -> bool:
+        return self.time_budget is None or self.elapsed() < self.time_budget
+
+    def placement(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """{"": 0} when GPU 0 holds it (by the estimate), else device_map="auto" with max_memory."""
+        if self.device == "cpu":
+            return {"device_map": "cpu"}
+        est = estimate(parse_config(cfg, workload=self.workload), self.model, self.facts)
+        gpu0 = self.facts.gpus[0]
+        budget = (self.max_memory or {}).get("0")
+        if budget is None:
+            free = gpu0.memory_free_gib if isinstance(gpu0.memory_free_gib, (int, float)) else gpu0.memory_total_gib
+            budget = int(free * GIB) if isinstance(free, (int, float)) else None
+        if est is UNKNOWN or budget is None or est.total <= budget:
+            return {"device_map": {"": 0}}
+        return {"device_map": "auto", "max_memory": self._max_memory_all()}
+
+    def _max_memory_all(self) -> dict[str, str]:
+        if self.max_memory:
+            return {k: f"{v / GIB:.2f}GiB" for k, v in self.max_memory.items()}
+        out = {}
+        for g in self.facts.gpus:
+            free = g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib
+            out[str(g.index)] = f"{max(free - 1.0, 0.5):.2f}GiB"  # 1 GiB headroom for the CUDA context
+        host = self.facts.host if isinstance(self.facts.host, dict) else {}
+        if host.get("ram_available_gib"):
+            out["cpu"] = f"{host['ram_available_gib'] * 0.8:.1f}GiB"
+        return out
+
+    def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
+             compile_: bool = True, quant: str | None = None) -> Trial:
+        base = _config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None)
+        place = self.placement(base)
+        base["from_pretrained"].update(place)
+        t = Trial(label=label_of(base), stage=stage, config=base, simplicity=_simplicity(attn, quant, cache, compile_, backend))
+        self.judge(t)
+        return t
+
+    def judge(self, t: Trial) -> None:
+        """Rules and the memory estimate, before anything is loaded."""
+        cand = parse_config(t.config, workload=self.workload)
+        res = run_rules(self.facts, cand, self.model)
+        errors = [f for f in res.findings if f.severity == "error"]
+        t.warnings = [f"{f.rule}: {f.message}" for f in res.findings if f.severity == "warning"]
+        est = estimate(cand, self.model, self.facts, on_gpu=self.device == "cuda")
+        if est is not UNKNOWN:
+            t.estimate_gib = round(est.total / GIB, 3)
+        if errors:
+            t.status = "dropped"
+            t.reason = "; ".join(f"{f.rule}: {f.message}" for f in errors)
+
+    def add(self, trials: Iterable[Trial]) -> list[Trial]:
+        out = []
+        for t in trials:
+            if any(x.label == t.label for x in self.trials):
+                continue
+            self.trials.append(t)
+            out.append(t)
+        return out
+
+    # ---- measuring
+    def spec(self, t: Trial) -> dict[str, Any]:
+        return {
+            "model": self.path,
+            "label": t.label,
+            "config": t.config,
+            "workload": dataclasses.asdict(self.workload),
+            "reps": self.reps,
+            "quality_steps": 4,
+            "seed": 0,
+            "memory_budget": self.max_memory,
+            "fault": next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(t.label, k)), None),
+            "timeout_s": self.candidate_timeout,
+        }
+
+    def measure(self, t: Trial) -> None:
+        if t.status == "dropped":
+            return
+        if not self.budget_left():
+            if t.status == "planned":
+                t.status, t.reason = "not measured", f"time budget of {self.time_budget:.0f} s spent"
+            return
+        key = self.cache.trial_key(t, len(t.results)) if self.cache else None
+        cached = self.cache.get(key) if key else None
+        if cached is not None:
+            result = cached
+        else:
+            self.progress(t.label, *self._counts())
+            result = self.runner.run(self.spec(t))
+            if key:
+                self.cache.put(key, result)
+        t.results.append(result)
+        st = result.get("status")
+        if st == STATUS_OK:
+            t.status = STATUS_OK
+            peak = sum((result.get("gpu_peak_gib") or {}).values())
+            if peak and t.estimate_gib:
+                self.calibration.append(peak / max(t.estimate_gib - 0.5, 1e-6))
+        elif t.status != STATUS_OK:
+            t.status = st or "error"
+            t.reason = result.get("error", "")
+            if result.get("oom"):
+                t.reason = "out of memory: " + t.reason
+
+    def _counts(self) -> tuple[int, int]:
+        """(runs done, runs planned so far): planned grows as stages are opened."""
+        done = sum(len(t.results) for t in self.trials if t.stage != "baseline" or not t.reason)
+        waiting = sum(1 for t in self.trials if t.status == "planned" and not t.results)
+        return done, done + max(waiting, 1)
+
+    def best(self, trials: Iterable[Trial]) -> Trial | None:
+        ok = [t for t in trials if t.status == STATUS_OK]
+        if not ok:
+            return None
+        return max(ok, key=self.score)
+
+    def score(self, t: Trial) -> float:
+        if self.objective == "latency":
+            return -(t.median("total_s") or float("inf"))
+        if self.objective == "memory":
+            peak = t.gpu_peak_gib() or t.metric("host_peak_gib") or float("inf")
+            ok_speed = (t.median("decode_tok_s") or 0) >= self.min_throughput
+            return (1e6 if ok_speed else 0) - peak
+        return t.median("decode_tok_s") or 0.0
+
+    # ---- the search
+    def run(self) -> TuneResult:
+        interrupted = False
+        try:
+            self._search()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.notes.append("interrupted: results so far are kept in the cache; run again to resume")
+        for t in self.trials:
+            if t.status == "planned":
+                t.status, t.reason = "not measured", "interrupted" if interrupted else "not reached"
+        floor = self._check_quality()
+        pick = self._choose()
+        capacity = self._capacity(pick) if pick else {}
+        config = self._config_dict(pick) if pick else {}
+        baseline = next((t for t in self.trials if t.stage == "baseline"), None)
+        return TuneResult(
+            config=config, trials=self.trials, pick=pick, baseline=baseline, facts=self.facts, model=self.model, workload=self.workload,
+            objective=self.objective, wall_s=self.elapsed(), measured=True, notes=self.notes, capacity=capacity,
+            quality_floor=floor, interrupted=interrupted,
+        )
+
+    def _search(self) -> None:
+        first = self.half
+        # baseline: transformers' defaults, as a user loads it (dtype as the checkpoint, sdpa, dynamic cache)
+        base_cfg = {"from_pretrained": {"device_map": "cuda" if self.device == "cuda" else "cpu"}, "generate": {}, "runtime": {}}
+        baseline = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline", config=base_cfg, simplicity=0)
+        self.judge(baseline)
+        # the reference for correctness: float32, eager (the most precise path that fits)
+        stage1 = [self.make("attention", first, a) for a in self._attentions()]
+        if self.device == "cuda" and self.workload.prompt_len >= 1024:
+            stage1 += [self.make("attention", first, "sdpa", backend=b) for b in ("flash", "efficient", "cudnn")]
+        self.add([baseline])
+        for t in self.add(stage1):
+            self.measure(t)
+        twin = self._baseline_twin(baseline, stage1)
+        if twin is not None:
+            baseline.results, baseline.status = twin.results, twin.status
+            baseline.reason = f"same configuration as '{twin.label}' on transformers {self.facts.package('transformers')}: measured once"
+        else:
+            self.measure(baseline)
+        best_attn = self.best(stage1)
+        if best_attn is None:
+            self.notes.append("no attention implementation ran at the preferred dtype; trying float32")
+        attn = best_attn.config["from_pretrained"]["attn_implementation"] if best_attn else "sdpa"
+        backend = best_attn.config["runtime"].get("sdpa_backend") if best_attn else None
+
+        stage2 = [self.make("dtype", d, attn, backend=backend) for d in ("bfloat16", "float16", "float32") if d != first]
+        for t in self.add(stage2):
+            self.measure(t)
+        best_dtype = self.best(stage1 + stage2)
+        dtype = best_dtype.config["from_pretrained"]["dtype"] if best_dtype else first
+        if best_dtype:
+            attn = best_dtype.config["from_pretrained"]["attn_implementation"]
+
+        # transformers compiles the static cache on CUDA only; on the CPU it runs uncompiled.
+        # On CUDA the uncompiled static cache is dominated by the dynamic one (docs/MEASURED.md:
+        # 39.4 vs 44.7 tok/s), so it is measured only when the compiled one fails.
+        if self.device == "cuda":
+            compiled = self.make("cache", dtype, attn, backend=backend, cache="static", compile_=True)
+            for t in self.add([compiled]):
+                self.measure(t)
+            plain = self.make("cache", dtype, attn, backend=backend, cache="static", compile_=False)
+            self.add([plain])
+            if compiled.status == STATUS_OK:
+                plain.status, plain.reason = "not measured", "dominated: uncompiled static cache is slower than the dynamic cache (docs/MEASURED.md); measured only if compiling fails"
+            else:
+                self.measure(plain)
+        else:
+            for t in self.add([self.make("cache", dtype, attn, backend=backend, cache="static", compile_=False)]):
+                self.measure(t)
+
+        best_fp = self.best(self.trials)
+        want_quant = self.quantization == "always" or (self.quantization == "auto" and (self.objective == "memory" or best_fp is None))
+        if want_quant:
+            stage4 = [self.make("quantization", dtype if dtype != "float32" else self.half, attn, quant=q) for q in ("bnb-4bit-nf4", "bnb-4bit-fp4", "bnb-8bit")]
+            for t in self.add(stage4):
+                self.measure(t)
+        else:
+            self.notes.append("quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
+
+        # the finalists, head to head in fresh processes, interleaved
+        ranked = sorted((t for t in self.trials if t.status == STATUS_OK and t.stage != "baseline"), key=self.score, reverse=True)
+        finalists = ranked[:2]
+        if len(finalists) == 2:
+            a, b = finalists
+            if self.objective == "throughput" and self._decisive(a, b):
+                self.notes.append(f"finalists not re-measured: {a.label} leads {b.label} by more than 3x the spread of either")
+            else:
+                for _ in range(self.finalist_rounds):
+                    for t in finalists:  # interleaved, in fresh processes
+                        self.measure(t)
+
+    def _decisive(self, a: Trial, b: Trial) -> bool:
+        ca, cb = a.ci("decode_tok_s"), b.ci("decode_tok_s")
+        if not ca or not cb:
+            return False
+        spread = max(ca[1] - ca[0], cb[1] - cb[0], 1e-9)
+        return (ca[0] - cb[1]) > 3 * spread and a.median("decode_tok_s") > 1.25 * b.median("decode_tok_s")
+
+    def _baseline_twin(self, baseline: Trial, trials: list[Trial]) -> Trial | None:
+        """transformers 5.x defaults (checkpoint dtype, sdpa, dynamic cache) may equal a candidate."""
+        tv = self.facts.package("transformers")
+        if not isinstance(tv, str) or int(tv.split(".")[0]) < 5:
+            return None
+        for t in trials:
+            fp = t.config["from_pretrained"]
+            if (fp.get("dtype") == self.model.checkpoint_dtype and fp.get("attn_implementation") == "sdpa" and not t.config["runtime"].get("sdpa_backend")
+                    and not t.config["generate"] and fp.get("device_map") in ({"": 0}, "cpu") and t.status == STATUS_OK):
+                return t
+        return None
+
+    def _attentions(self) -> list[str]:
+        out = ["sdpa", "eager"]
+        if self.device == "cuda":
+            out += ["flash_attention_2", "flash_attention_3", "flash_attention_4"]
+            if self.workload.prompt_len >= 2048:
+                out.append("flex_attention")
+            else:
+                self.notes.append("flex_attention not measured: it compiles its kernels and only pays off on long prompts (>= 2048)")
+        else:
+            self.notes.append("flash attention and flex attention not measured on the CPU (CUDA only, or compile-bound there)")
+        return out
+
+    def _check_quality(self) -> Any:
+        ok = [t for t in self.trials if t.status == STATUS_OK and t.results]
+        if not ok:
+            return None
+        # reference: the most precise candidate that ran (float32, unquantized, eager preferred)
+        def precision(t: Trial) -> tuple[int, int]:
+            fp = t.config["from_pretrained"]
+            dt = {"float32": 0, "bfloat16": 2, "float16": 1}.get(t.metric("dtype") or fp.get("dtype"), 3)
+            return (dt + (10 if "quantization_config" in fp else 0), 0 if fp.get("attn_implementation") == "eager" else 1)
+
+        ref = min(ok, key=precision)
+        ref_logits = _logits(ref)
+        if ref_logits is None:
+            return None
+        # noise floor: the same attention at a known-good half precision vs the reference
+        halves = [t for t in ok if t is not ref and "quantization_config" not in t.config["from_pretrained"]
+                  and t.config["from_pretrained"].get("dtype") in ("bfloat16", "float16")]
+        kls = [compare(ref_logits, lg)["kl"] for lg in (_logits(t) for t in halves) if lg is not None]
+        kls = [k for k in kls if k != float("inf")]
+        floor = min(kls) if kls else 0.0  # the best-agreeing known-good half precision
+        for t in ok:
+            lg = _logits(t)
+            if lg is None:
+                continue
+            if t is ref:
+                t.quality = {"reference": True, "kl": 0.0, "top1": 1.0}
+                if not all(r.get("logits_finite", True) for r in t.results if r.get("status") == STATUS_OK):
+                    t.status, t.reason = "wrong", "the reference's logits contain NaN/inf"
+                continue
+            m = compare(ref_logits, lg)
+            quantized = "quantization_config" in t.config["from_pretrained"]
+            good, why = verdict(m, floor, quantized)
+            t.quality = {"kl": m["kl"], "top1": m["top1"], "reference": ref.label}
+            if not good:
+                t.status, t.reason = "wrong", why
+        return floor
+
+    def _choose(self) -> Trial | None:
+        ok = [t for t in self.trials if t.status == STATUS_OK and t.stage != "baseline"]
+        if not ok:
+            return None
+        best = max(ok, key=self.score)
+        if self.objective == "throughput":
+            # within the best one's confidence interval, prefer the simpler config
+            lo = (best.ci("decode_tok_s") or (0, 0))[0]
+            close = [t for t in ok if (t.ci("decode_tok_s") or (0, 0))[1] >= lo]
+            best = min(close, key=lambda t: (t.simplicity, -self.score(t))) if close else best
+            if best is not max(ok, key=self.score):
+                self.notes.append(f"picked {best.label}: within the noise of the fastest ({max(ok, key=self.score).label}) and simpler")
+        return best
+
+    def _capacity(self, pick: Trial) -> dict[str, Any]:
+        """Largest batch and context that fit, from the memory model (calibrated on the measured peaks)."""
+        cand = parse_config(pick.config, workload=self.workload)
+        factor = statistics.median(self.calibration) if self.calibration else 1.0
+        if self.device == "cuda":
+            g = self.facts.gpus[0]
+            free = (self.max_memory or {}).get("0") or int((g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib) * GIB)
+        else:
+            host = self.facts.host if isinstance(self.facts.host, dict) else {}
+            free = int(host.get("ram_available_gib", host.get("ram_gib", 0)) * GIB)
+        if not free:
+            return {}
+
+        def fits(batch: int, prompt: int) -> bool:
+            w = Workload(batch_size=batch, prompt_len=prompt, new_tokens=self.workload.new_tokens, padding=self.workload.padding)
+            est = estimate(dataclasses.replace(cand, workload=w), self.model, self.facts, on_gpu=self.device == "cuda")
+            return est is not UNKNOWN and (est.total - est.overhead) * factor + est.overhead <= free
+
+        def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+            if not ok(lo):
+                return 0
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+            return lo
+
+        max_ctx = self.model.max_positions if isinstance(self.model.max_positions, int) else 131072
+        return {
+            "max_batch_size": largest(1, 4096, lambda b: fits(b, self.workload.prompt_len)),
+            "max_prompt_len": largest(1, max(1, max_ctx - self.workload.new_tokens), lambda p: fits(self.workload.batch_size, p)),
+            "model_max_positions": self.model.max_positions if isinstance(self.model.max_positions, int) else None,
+            "calibration": round(factor, 3),
+            "budget_gib": round(free / GIB, 2),
+            "checked": False,
+        }
+
+    def _config_dict(self, pick: Trial) -> dict[str, Any]:
+        return finish_config(pick.config, self.facts, self.workload, self.objective, measured=True)
+
+
+def finish_config(cfg: dict[str, Any], facts: Facts, workload: Workload, objective: str, *, measured: bool, reasons: list[str] | None = None) -> dict[str, Any]:
+    out = json.loads(json.dumps(cfg))
+    out.setdefault("generate", {})
+    rt = out.setdefault("runtime", {})
+    rt.setdefault("sdpa_backend", None)
+    rt["padding_side"] = "left"
+    rt.setdefault("launch", None)
+    gpu = facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+    out["autotune"] = {
+        "schema": 1,
+        "version": __version__,
+        "objective": objective,
+        "measured": measured,
+        "workload": dataclasses.asdict(workload),
+        "tuned_on": {"facts": facts.fingerprint(), "gpu": gpu, "torch": facts.package("torch") or None, "transformers": facts.package("transformers") or None},
+    }
+    if reasons:
+        out["autotune"]["reasons"] = reasons
+    return out
+
+
+def _logits(t: Trial) -> Any:
+    from .quality import load_logits
+
+    for r in reversed(t.results):
+        if r.get("status") == STATUS_OK and r.get("dir"):
+            lg = load_logits(r["dir"])
+            if lg is not None:
+                return lg
+    return None
+
+
+# ---------------------------------------------------------------------------- the cache
+class ResultCache:
+    """Measurements keyed by facts fingerprint, model, workload, objective and autotune version.
+
+    One JSON file per tune key; each trial's result is written as it finishes (atomic
+    replace), so Ctrl-C or a spent time budget keeps what was measured and a rerun resumes.
+    """
+
+    def __init__(self, root: str | Path, facts: Facts, model: ModelSpec, workload: Workload, extra: str = "") -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        blob = json.dumps({"facts": facts.fingerprint(), "model": model_fingerprint(model), "workload": dataclasses.asdict(workload),
+                           "version": __version__, "extra": extra}, sort_keys=True)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+        self.path = self.root / f"{self.key}.json"
+        self.meta = {"gpu": facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None,
+                     "torch": facts.package("torch"), "transformers": facts.package("transformers"),
+                     "model": model_fingerprint(model), "workload": dataclasses.asdict(workload)}
+        try:
+            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            self.data = {}
+        self.data.setdefault("results", {})
+        self.data["meta"] = self.meta
+        self.hits = 0
+
+    def trial_key(self, t: Trial, n: int) -> str:
+        return hashlib.sha256(json.dumps([t.config, n], sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        r = self.data["results"].get(key)
+        if r is not None and r.get("status") in (STATUS_OK,) and (not r.get("dir") or Path(r["dir"]).exists()):
+            self.hits += 1
+            return r
+        return None
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        self.data["results"][key] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, default=str))
+        os.replace(tmp, self.path)
+
+    def save_pick(self, result: TuneResult) -> None:
+        self.data["pick"] = result.config
+        self.put("_pick", {"status": "pick"})
+
+
+def model_fingerprint(model: ModelSpec) -> str:
+    blob = json.dumps({"type": model.model_type, "arch": model.architectures, "tensors": [(t.name, t.shape, t.dtype) for t in model.tensors],
+                       "shape": [model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads, model.vocab_size]}, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
+    return Path(base)
+
+
+# ---------------------------------------------------------------------------- predictions (no GPU here)
+def predict(model_path: str | Path, facts: Facts, workload: Workload, objective: str = "throughput", *, cache_root: Path | None = None) -> TuneResult:
+    """The config the rules, the memory model and a documented preference order predict to be
+    fastest on a machine autotune cannot measure (``--target`` / ``--facts``).
+
+    Preference order (from docs/MEASURED.md and the rules): on CUDA, FlashAttention-3 on
+    Hopper if installed, FlashAttention-2 on Ampere+ if installed, else SDPA; bf16 on Ampere+,
+    else fp16; at batch 1 the compiled static cache (5.7x the default on an H100) when triton
+    is there; no quantization unless the model does not fit; one GPU when it fits, else
+    device_map="auto". On the CPU: SDPA, bf16 with AMX/AVX512-BF16 else fp32, dynamic cache.
+    Earlier measurements of the same GPU model, stack, model and workload in the cache win.
+    """
+    model = read_model(model_path)
+    reasons: list[str] = []
+    root = cache_root or cache_dir() / "results"
+    if root.is_dir():
+        gpu = facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+        for f in sorted(root.glob("*.json")):
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            m = d.get("meta", {})
+            if d.get("pick") and m.get("gpu") == gpu and m.get("torch") == facts.package("torch") and m.get("transformers") == facts.package("transformers") \
+                    and m.get("model") == model_fingerprint(model) and m.get("workload") == dataclasses.asdict(workload):
+                cfg = dict(d["pick"])
+                cfg["autotune"] = {**cfg.get("autotune", {}), "measured": False, "reasons": [f"measured earlier on a {gpu} with the same stack (cache {f.name})"]}
+                return TuneResult(config=cfg, trials=[], pick=None, baseline=None, facts=facts, model=model, workload=workload,
+                                  objective=objective, wall_s=0.0, measured=False, notes=cfg["autotune"]["reasons"])
+    device, half = preferred(facts)
+    tuner_like = Tuner.__new__(Tuner)
+    tuner_like.facts, tuner_like.model, tuner_like.workload, tuner_like.max_memory, tuner_like.device, tuner_like.half = facts, model, workload, None, device, half
+    tuner_like.trials, tuner_like.notes = [], []
+    options: list[tuple[str, str, dict[str, Any]]] = []
+    if device == "cuda":
+        for attn in ("flash_attention_3", "flash_attention_2", "sdpa", "eager"):
+            options.append((half, attn, {}))
+    else:
+        options += [(half, "sdpa", {}), ("float32", "sdpa", {})]
+    chosen = None
+    for dtype, attn, _ in options:
+        t = tuner_like.make("predict", dtype, attn)
+        if t.status != "dropped":
+            chosen = t
+            reasons.append(f"attention: {attn} (the first of flash_attention_3 > flash_attention_2 > sdpa > eager that the rules allow here)")
+            reasons.append(f"dtype: {dtype} ({'bf16 needs compute capability 8.0' if device == 'cuda' else 'CPU'})")
+            break
+        reasons.append(f"not {attn} in {dtype}: {t.reason[:160]}")
+    if chosen is None:
+        raise UserError("no configuration passes the rules on these facts; run `autotune doctor` with them")
+    cfg = chosen.config
+    if device == "cuda" and workload.batch_size <= 8 and facts.package("triton"):
+        trial = tuner_like.make("predict", cfg["from_pretrained"]["dtype"], cfg["from_pretrained"]["attn_implementation"], cache="static", compile_=True)
+        if trial.status != "dropped":
+            cfg = trial.config
+            reasons.append("cache: static, compiled by transformers (5.7x / 3.2x the dynamic cache at batch 1 on an H100, docs/MEASURED.md)")
+    dm = cfg["from_pretrained"].get("device_map")
+    if dm == "auto":
+        reasons.append("placement: device_map=auto, the model does not fit one GPU by the memory estimate")
+    if chosen.estimate_gib is not None:
+        reasons.append(f"memory estimate: {chosen.estimate_gib} GiB")
+    config = finish_config(cfg, facts, workload, objective, measured=False, reasons=reasons)
+    return TuneResult(config=config, trials=[chosen], pick=chosen, baseline=None, facts=facts, model=model, workload=workload,
+                      objective=objective, wall_s=0.0, measured=False, notes=reasons)
+
+
+# ---------------------------------------------------------------------------- the public call
+def default_model(root: Path | None = None) -> Path:
+    """A small random Llama, built locally (no network) and kept in the cache."""
+    folder = (root or cache_dir() / "models") / "random-llama-22m"
+    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                      vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    os.replace(tmp, folder) if not folder.exists() else None
+    return folder
+
+
+def tune(
+    model: str | Path | None = None,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    padding: bool = False,
+    objective: str = "throughput",
+    time_budget: float | None = None,
+    facts: Facts | None = None,
+    max_memory: str | dict[str, Any] | None = None,
+    quantization: str = "auto",
+    min_throughput: float = 0.0,
+    use_cache: bool = True,
+    reps: int = 3,
+    candidate_timeout: float | None = None,
+    runner: Any = None,
+    faults: dict[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    report: bool = False,
+) -> Any:
+    """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
+
+    Returns the config dict; with ``report=True`` the :class:`TuneResult` with every
+    candidate's measurements. With ``facts`` describing another machine (a target profile or
+    a facts file), nothing can be measured: the result is a prediction, ``measured: false``.
+    """
+    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be a whole number >= 1, found {v!r}")
+    if time_budget is not None and time_budget <= 0:
+        raise UserError("time_budget must be positive (seconds)")
+    workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
+    path = Path(model) if model is not None else default_model()
+    if not path.exists():
+        raise UserError(f"model folder not found: {path} (autotune tunes local model folders; download with `hf download` first)")
+    budget = parse_max_memory(max_memory) if max_memory else None
+    if facts is not None and facts.source != "probe":
+        result = predict(path, facts, workload, objective)
+        return result if report else result.config
+    from .probe import probe
+
+    here = facts or probe()
+    spec = read_model(path)
+    cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}") if use_cache else None
+    own_runner = runner is None
+    if own_runner:
+        from .runner import ForkRunner
+
+        timeout = candidate_timeout or (900.0 if here.gpus not in (UNKNOWN, ()) and here.gpus else 300.0)
+        runner = ForkRunner(timeout_s=timeout, preload_model_type=spec.model_type if isinstance(spec.model_type, str) else None,
+                            workdir=(cache.root / cache.key) if cache else None)
+    try:
+        tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
+                      max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
+                      progress=progress, candidate_timeout=candidate_timeout)
+        result = tuner.run()
+    finally:
+        if own_runner:
+            runner.close()
+    if cache is not None and result.pick is not None:
+        cache.save_pick(result)
+    if cache is not None and cache.hits:
+        result.notes.append(f"{cache.hits} measurement(s) reused from the cache ({cache.path}); --no-cache to measure afresh")
+    if result.pick is None:
+        result.notes.append("no candidate worked: see each trial's reason")
+    return result if report else result.config

@@ -1,0 +1,221 @@
+"""What runs inside one candidate's process: load, warm up, measure, capture logits.
+
+``run_candidate(spec, out_dir)`` is called in a child forked from a warm parent that has
+imported torch and transformers but never touched CUDA (see ``runner.py``). Everything it
+learns goes into ``out_dir/result.json`` (and ``logits.pt``); an exception becomes a
+``status: "error"`` result, a crash or hang is caught by the parent.
+
+The spec is plain data (JSON-able):
+``{"model", "label", "config" (a config dict), "workload": {...}, "reps", "quality_steps",
+"seed", "memory_budget": {"0": bytes} | None, "fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
+``fault`` exists for tests: it injects the failure a real candidate can have.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import apply_runtime, from_pretrained_kwargs
+
+
+def _sync(torch: Any) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def make_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> tuple[Any, Any]:
+    """Deterministic prompts; with padding, rows get different lengths and are left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = workload["batch_size"], workload["prompt_len"]
+    ids = torch.randint(3, vocab, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    if workload.get("padding") and b > 1:
+        for row in range(b):
+            pad = (row * n) // (2 * b)  # row 0 full, the last about half padded
+            ids[row, :pad] = 0
+            mask[row, :pad] = 0
+    return ids.to(device), mask.to(device)
+
+
+class _StepClock:
+    """A stopping criterion that only records when each new token is ready (synchronised)."""
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        _sync(self.torch)
+        self.times.append(time.perf_counter())
+        return self.torch.zeros(input_ids.shape[0], dtype=self.torch.bool, device=input_ids.device)
+
+
+class _ForceTokens:
+    """A logits processor that records the raw logits, then forces a fixed continuation,
+    so every candidate is compared on the same token history (padded rows included)."""
+
+    def __init__(self, torch: Any, forced: Any) -> None:
+        self.torch, self.forced, self.logits = torch, forced, []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        step = len(self.logits)
+        self.logits.append(scores.detach().float().cpu())
+        out = self.torch.full_like(scores, float("-inf"))
+        tok = self.forced[:, step].to(scores.device)
+        out.scatter_(1, tok.unsqueeze(1), 0.0)
+        return out
+
+
+def _dynamo_graphs(torch: Any) -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["stats"].values())) + int(sum(counters["recompiles"].values()) if "recompiles" in counters else 0)
+    except Exception:  # noqa: BLE001
+        return -1
+
+
+def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    out = Path(out_dir)
+    result: dict[str, Any] = {"label": spec["label"], "status": "error"}
+    try:
+        result.update(_measure(spec, out))
+        result["status"] = "ok"
+    except BaseException as e:  # noqa: BLE001 - every failure is a result, never a crash of the tune
+        text = f"{type(e).__name__}: {e}".strip().splitlines()
+        result["error"] = text[0][:500] if text else type(e).__name__
+        low = result["error"].lower()
+        result["oom"] = "out of memory" in low or type(e).__name__ == "OutOfMemoryError"
+    finally:
+        result["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, default=str))
+    os.replace(tmp, out / "result.json")
+    return result
+
+
+def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fault = spec.get("fault")
+    if fault == "crash":
+        os.abort()  # what a segfault in a kernel looks like from outside
+    if fault == "hang":
+        time.sleep(10_000)
+    if fault == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    cfg, w = spec["config"], spec["workload"]
+    cuda = torch.cuda.is_available()
+    budget = spec.get("memory_budget") or {}
+    if cuda:
+        for dev, limit in budget.items():
+            if dev.isdigit() and int(dev) < torch.cuda.device_count():
+                total = torch.cuda.get_device_properties(int(dev)).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), int(dev))
+    torch.manual_seed(spec.get("seed", 0))
+    apply_runtime(cfg)
+    kwargs = from_pretrained_kwargs(cfg)
+    fp = cfg["from_pretrained"]
+    if not cuda and "device_map" not in fp:
+        kwargs["device_map"] = "cpu"
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs)
+    model.eval()
+    _sync(torch)
+    load_s = time.perf_counter() - t0
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
+    gen = dict(cfg.get("generate") or {})
+    n_new = w["new_tokens"]
+    base = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0, **gen)
+
+    def generate(**extra: Any) -> tuple[Any, list[float], float]:
+        clock = _StepClock(torch)
+        kw = {**base, **extra}
+        kw["stopping_criteria"] = kw.get("stopping_criteria", []) + [clock]
+        _sync(torch)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            seq = model.generate(ids, **kw)
+        _sync(torch)
+        return seq, clock.times, start
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    # warm-up on the exact shapes measured; for a compiled static cache this call compiles
+    t1 = time.perf_counter()
+    seq, _, _ = generate()
+    first_s = time.perf_counter() - t1
+    compiled = cuda and gen.get("cache_implementation") in ("static", "offloaded_static") and not gen.get("disable_compile")
+    if compiled:
+        generate()  # a second call settles any second compile (prefill and decode graphs)
+    graphs_before = _dynamo_graphs(torch)
+
+    runs = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(spec.get("reps", 3)):
+            seq, times, start = generate()
+            produced = seq.shape[1] - ids.shape[1]
+            if produced != n_new:
+                raise RuntimeError(f"generated {produced} tokens, expected {n_new} (min_new_tokens not honoured)")
+            ttft = times[0] - start
+            total = times[-1] - start
+            itl = [b - a for a, b in zip(times, times[1:])]
+            decode = (w["batch_size"] * (n_new - 1) / (times[-1] - times[0])) if n_new > 1 else float("nan")
+            runs.append({"ttft_s": ttft, "total_s": total, "decode_tok_s": decode, "itl_s": itl})
+    finally:
+        if gc_was:
+            gc.enable()
+    recompiled = _dynamo_graphs(torch) - graphs_before
+    if graphs_before >= 0 and recompiled > 0:
+        raise RuntimeError(f"torch.compile recompiled {recompiled} time(s) during the timed runs: timings rejected")
+
+    res: dict[str, Any] = {
+        "load_s": load_s,
+        "first_call_s": first_s,
+        "runs": [{k: v for k, v in r.items() if k != "itl_s"} for r in runs],
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+        "total_s": statistics.median(r["total_s"] for r in runs),
+    }
+    itl = sorted(x for r in runs for x in r["itl_s"])
+    if itl:
+        res["itl_p50_s"] = itl[len(itl) // 2]
+        res["itl_p99_s"] = itl[min(len(itl) - 1, int(len(itl) * 0.99))]
+    res["compile_s"] = max(0.0, first_s - res["total_s"])
+    if cuda:
+        res["gpu_peak_gib"] = {str(i): round(torch.cuda.max_memory_allocated(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
+        res["gpu_reserved_gib"] = {str(i): round(torch.cuda.max_memory_reserved(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
+    res["device"] = str(device)
+    res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+
+    # quality: raw logits over several steps on a fixed token history (not timed)
+    steps = min(spec.get("quality_steps", 4), n_new)
+    g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
+    forced = torch.randint(3, vocab, (ids.shape[0], steps), generator=g)
+    proc = _ForceTokens(torch, forced)
+    from transformers import LogitsProcessorList
+
+    with torch.inference_mode():
+        model.generate(ids, **{**base, "max_new_tokens": steps, "min_new_tokens": steps, "logits_processor": LogitsProcessorList([proc])})
+    logits = torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
+    if spec.get("fault") == "corrupt":
+        logits = torch.randn_like(logits) * 10
+    torch.save(logits.half() if logits.abs().max() < 6e4 else logits, out / "logits.pt")
+    # -inf is legitimate (min_new_tokens masks EOS); NaN or +inf is not
+    res["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+    return res

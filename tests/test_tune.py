@@ -1,0 +1,196 @@
+"""The tuner on the CPU: a tiny random Llama tuned for real, injected faults, the cache, predictions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import autotune
+from autotune.profiles import load_target
+from autotune.tuner import tune
+
+from .conftest import run_cli, save_tiny_llama
+
+SMALL = dict(prompt_len=32, new_tokens=8, reps=2)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def statuses(result):
+    return {t.label: t.status for t in result.trials}
+
+
+def test_tune_tiny_llama_for_real(tiny_llama):
+    r = tune(tiny_llama, use_cache=False, report=True, **SMALL)
+    ok = {(t.config["from_pretrained"].get("dtype"), t.config["from_pretrained"].get("attn_implementation")) for t in r.trials if t.status == "ok"}
+    assert {("bfloat16", "sdpa"), ("bfloat16", "eager")} <= ok, "stage 1: attention at the preferred dtype"
+    assert {d for d, _ in ok} >= {"float32", "float16", "bfloat16"}, "stage 2: every dtype with the best attention"
+    assert any(t.stage == "cache" and t.status == "ok" for t in r.trials), "stage 3: the static cache"
+    assert r.pick is not None and r.pick.status == "ok"
+    for t in r.trials:
+        if t.status == "ok":
+            s = t.to_dict()["summary"]
+            assert s["decode_tok_s"] > 0 and s["ttft_ms"] > 0 and s["runs"] >= 2
+            assert t.quality["top1"] >= 0.5
+            for m in t.results:
+                assert all(run["total_s"] > 0 for run in m["runs"])
+    cfg = r.config
+    assert cfg["autotune"]["measured"] is True and cfg["autotune"]["workload"]["prompt_len"] == 32
+    json.dumps(cfg)  # plain JSON
+
+
+def test_returned_config_loads(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tune(tiny_llama, use_cache=False, **SMALL)
+    m = autotune.load(tiny_llama, cfg)
+    out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, **cfg["from_pretrained"])
+    assert str(plain.dtype).endswith(cfg["from_pretrained"]["dtype"])
+
+
+def test_load_restores_integer_max_memory_keys(tiny_llama):
+    cfg = {"from_pretrained": {"dtype": "float32", "device_map": "auto", "max_memory": {"cpu": "2GiB"}}, "generate": {"cache_implementation": "static"}}
+    m = autotune.load(tiny_llama, json.loads(json.dumps(cfg)))
+    assert m.generation_config.cache_implementation == "static"
+    from autotune.config import from_pretrained_kwargs
+
+    assert from_pretrained_kwargs({"from_pretrained": {"max_memory": {"0": "1GiB", "cpu": "2GiB"}}})["max_memory"] == {0: "1GiB", "cpu": "2GiB"}
+
+
+def test_bitsandbytes_4bit_on_cpu(tiny_llama):
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    if Version(importlib.metadata.version("bitsandbytes")) < Version("0.47.0"):
+        pytest.skip("bitsandbytes < 0.47 has no 4-bit on the CPU")
+    r = tune(tiny_llama, use_cache=False, report=True, quantization="always", **SMALL)
+    (q,) = [t for t in r.trials if "bnb-4bit-nf4" in t.label]
+    assert q.status == "ok", q.reason
+    assert q.quality["kl"] < 1.0 and q.config["from_pretrained"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_injected_faults_are_reported_and_the_tune_completes(tiny_llama):
+    faults = {"bfloat16 eager *": "crash", "float16 sdpa device_map=cpu": "hang", "float32 sdpa *": "oom", "* static-cache *": "corrupt"}
+    r = tune(tiny_llama, use_cache=False, report=True, faults=faults, candidate_timeout=25, **SMALL)
+    st = statuses(r)
+    assert st["bfloat16 eager device_map=cpu"] == "crashed"
+    assert st["float16 sdpa device_map=cpu"] == "timeout"
+    assert st["float32 sdpa device_map=cpu"] == "error"
+    oom = [t for t in r.trials if t.label == "float32 sdpa device_map=cpu"][0]
+    assert oom.reason.startswith("out of memory")
+    corrupt = [t for t in r.trials if "static-cache" in t.label][0]
+    assert corrupt.status == "wrong" and "disagree" in corrupt.reason
+    assert r.pick is not None and r.pick.status == "ok" and r.pick is not corrupt
+
+
+class CountingRunner:
+    def __init__(self):
+        from autotune.runner import ForkRunner
+
+        self.inner = ForkRunner(timeout_s=120)
+        self.calls = 0
+
+    def run(self, spec):
+        self.calls += 1
+        return self.inner.run(spec)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_cache_hit_invalidation_and_resume(tmp_path):
+    model = save_tiny_llama(tmp_path / "m")
+    first = CountingRunner()
+    r1 = tune(model, report=True, runner=first, **SMALL)
+    assert first.calls >= 4
+    again = CountingRunner()
+    r2 = tune(model, report=True, runner=again, **SMALL)
+    assert again.calls == 0, "every measurement comes from the cache"
+    assert r2.config["from_pretrained"] == r1.config["from_pretrained"]
+    other = CountingRunner()
+    tune(model, report=True, runner=other, prompt_len=48, new_tokens=8, reps=2)
+    assert other.calls >= 4, "another workload is another cache key"
+    for r in (first, again, other):
+        r.close()
+
+
+def test_spent_time_budget_reports_what_was_not_measured(tmp_path):
+    model = save_tiny_llama(tmp_path / "m")
+    runner = CountingRunner()
+    r = tune(model, report=True, runner=runner, time_budget=0.001, **SMALL)
+    assert runner.calls == 0 and r.pick is None and r.config == {}
+    assert all(t.status in ("not measured", "dropped") for t in r.trials)
+    assert any("time budget" in t.reason for t in r.trials)
+    runner.close()
+
+
+class InterruptingRunner(CountingRunner):
+    """Ctrl-C after two candidates."""
+
+    def run(self, spec):
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().run(spec)
+
+
+def test_ctrl_c_keeps_results_and_a_rerun_resumes(tmp_path):
+    model = save_tiny_llama(tmp_path / "m")
+    stopped = InterruptingRunner()
+    r1 = tune(model, report=True, runner=stopped, **SMALL)
+    assert r1.interrupted and any("interrupted" in n for n in r1.notes)
+    assert stopped.calls == 2
+    resume = CountingRunner()
+    r2 = tune(model, report=True, runner=resume, **SMALL)
+    assert r2.pick is not None
+    done = sum(len(t.results) for t in r2.trials if t.stage != "baseline" or not t.reason)
+    assert resume.calls == done - 2, "the two measurements made before Ctrl-C were reused"
+    stopped.close()
+    resume.close()
+
+
+@pytest.mark.parametrize("target, dtype, cache", [("t4", "float16", "static"), ("h100", "bfloat16", "static"), ("cpu", None, None)])
+def test_predicted_configs_for_targets(tiny_llama, target, dtype, cache):
+    r = tune(tiny_llama, facts=load_target(target), report=True, **SMALL)
+    cfg = r.config
+    assert cfg["autotune"]["measured"] is False and cfg["autotune"]["reasons"]
+    assert cfg["from_pretrained"]["attn_implementation"] == "sdpa"  # no flash-attn in these profiles' stacks
+    if dtype:
+        assert cfg["from_pretrained"]["dtype"] == dtype
+    assert cfg["generate"].get("cache_implementation") == cache
+
+
+def test_prediction_for_a100_with_flash_attn(tiny_llama):
+    cfg = tune(tiny_llama, facts=load_target("a100-80gb"), **SMALL)
+    assert cfg["from_pretrained"]["attn_implementation"] == "flash_attention_2"
+    assert autotune.check(cfg, target="a100-80gb")["ok"]
+
+
+def test_cli_tune_json_and_output(tiny_llama, tmp_path):
+    out = run_cli("tune", str(tiny_llama), "--prompt-len", "32", "--new-tokens", "8", "--reps", "2", "--json", "--no-cache", "-o", str(tmp_path / "cfg.json"),
+                  env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["measured"] and report["pick"] and report["trials"]
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg == report["config"]
+    chk = run_cli("check", str(tmp_path / "cfg.json"), "--model", str(tiny_llama))
+    assert chk.returncode == 0, chk.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["tune", "no-such-model"], "model folder not found"),
+    (["tune", "--batch-size", "0"], "batch_size must be"),
+    (["tune", "--max-memory", "0=lots"], "cannot parse memory size"),
+    (["tune", "--objective", "speed"], "invalid choice"),
+])
+def test_cli_tune_bad_input(tmp_path, args, match):
+    out = run_cli(*args, cwd=tmp_path, env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
+    assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr
