@@ -11,16 +11,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "probe": ("autotune.probe", "probe"),
+    "probe": ("autotune.machine", "probe"),
     "Facts": ("autotune.facts", "Facts"),
     "load_facts": ("autotune.facts", "load_facts"),
     "load_target": ("autotune.profiles", "load_target"),
-    "check": ("autotune.check", "check"),
-    "doctor": ("autotune.doctor", "doctor"),
+    "check": ("autotune.gate", "check"),
+    "doctor": ("autotune.diagnosis", "doctor"),
     "load": ("autotune.config", "load"),
     "parse_config": ("autotune.config", "parse_config"),
     "read_model": ("autotune.model", "read_model"),
     "UserError": ("autotune.errors", "UserError"),
+    "tune": ("autotune.tuner", "tune"),
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -1,4 +1,4 @@
-"""The deep probe: runs in its own interpreter (``probe.deep_probe``) and prints one JSON line.
+"""The deep probe: runs in its own interpreter (``machine.deep_probe``) and prints one JSON line.
 
 Each step is guarded, so one broken import is reported and the next step still runs.
 """

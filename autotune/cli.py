@@ -113,7 +113,7 @@ def _print_json(data: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "probe":
-        from .probe import probe
+        from .machine import probe
         from .render import facts_lines
 
         facts = probe(deep=args.deep)
@@ -131,15 +131,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if cmd == "doctor":
-        from .check import resolve_facts
-        from .doctor import doctor
+        from .gate import resolve_facts
+        from .diagnosis import doctor
         from .model import read_model
         from .render import doctor_text
 
         if args.deep and (args.facts or args.target):
             raise UserError("--deep probes this machine; it cannot be combined with --facts or --target")
         if args.deep:
-            from .probe import probe
+            from .machine import probe
 
             facts = resolve_facts(facts=probe(deep=True), overrides=args.overrides)
         else:
@@ -149,7 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return report["exit_code"]
 
     if cmd == "check":
-        from .check import check, exit_code
+        from .gate import check, exit_code
         from .config import Workload, read_config
         from .render import check_text
 
@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .check import resolve_facts
+    from .gate import resolve_facts
     from .render import tune_text
     from .tuner import tune
 

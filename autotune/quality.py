@@ -12,12 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# A known-good half precision typically lands within a few times the floor; a quantized model
-# further. The factors are deliberately loose: they exist to catch broken kernels (NaN,
-# garbage), not to rank precision. docs/PERFORMANCE.md lists the measured values.
+# Unquantized candidates must agree with the reference within FLOOR_FACTOR x the noise floor.
+# Quantized ones are lossy by design; on random weights, whose output distributions are nearly
+# flat, 4-bit flips the top-1 token while still working (H100, 1.1 B Llama shape: KL to fp32 of
+# bf16 3e-4, fp16 5e-6, int8 0.0056, NF4 0.21, FP4 0.31 nats). For them the bound is absolute,
+# QUANTIZED_MAX_KL, a sanity check against broken kernels: garbage logits score tens of nats.
+# docs/PERFORMANCE.md lists the measured values.
 FLOOR_FACTOR = 50.0
-QUANTIZED_FACTOR = 2000.0
 MIN_TOLERANCE = 1e-3
+QUANTIZED_MAX_KL = 1.0
 MIN_TOP1 = 0.5
 
 
@@ -48,7 +51,7 @@ def compare(reference: Any, candidate: Any) -> dict[str, float]:
 
 
 def tolerance(floor: float, quantized: bool) -> float:
-    return max(floor * (QUANTIZED_FACTOR if quantized else FLOOR_FACTOR), MIN_TOLERANCE)
+    return max(QUANTIZED_MAX_KL if quantized else floor * FLOOR_FACTOR, MIN_TOLERANCE)
 
 
 def verdict(measure: dict[str, float], floor: float, quantized: bool) -> tuple[bool, str]:

@@ -381,10 +381,17 @@ class Tuner:
         return done, done + max(waiting, 1)
 
     def best(self, trials: Iterable[Trial]) -> Trial | None:
-        ok = [t for t in trials if t.status == STATUS_OK]
+        """The best by the objective; for throughput, the simplest of those within the
+        fastest one's 95 % interval (no quantization, fewer packages, no compile)."""
+        ok = [t for t in trials if t.status == STATUS_OK and t.stage != "baseline"]
         if not ok:
             return None
-        return max(ok, key=self.score)
+        top = max(ok, key=self.score)
+        if self.objective != "throughput":
+            return top
+        lo = (top.ci("decode_tok_s") or (0, 0))[0]
+        close = [t for t in ok if (t.ci("decode_tok_s") or (0, 0))[1] >= lo]
+        return min(close, key=lambda t: (t.simplicity, -self.score(t)))
 
     def score(self, t: Trial) -> float:
         if self.objective == "latency":
@@ -407,6 +414,7 @@ class Tuner:
             if t.status == "planned":
                 t.status, t.reason = "not measured", "interrupted" if interrupted else "not reached"
         floor = self._check_quality()
+        self._compile_breakeven()
         pick = self._choose()
         capacity = self._capacity(pick) if pick else {}
         config = self._config_dict(pick) if pick else {}
@@ -488,6 +496,21 @@ class Tuner:
                     for t in finalists:  # interleaved, in fresh processes
                         self.measure(t)
 
+    def _compile_breakeven(self) -> None:
+        """For each compiled candidate: after how many generated tokens its compile time pays off."""
+        for t in self.trials:
+            if t.status != STATUS_OK or not t.config["generate"].get("cache_implementation") or t.config["generate"].get("disable_compile"):
+                continue
+            fp = t.config["from_pretrained"]
+            twin = next((x for x in self.trials if x.status == STATUS_OK and not x.config["generate"] and x.stage != "baseline"
+                         and x.config["from_pretrained"] == fp and x.config["runtime"] == t.config["runtime"]), None)
+            comp, fast, slow = t.metric("compile_s"), t.median("decode_tok_s"), twin.median("decode_tok_s") if twin else None
+            if comp and fast and slow and fast > slow:
+                tokens = comp / (1 / slow - 1 / fast)
+                t.quality["compile_breakeven_tokens"] = int(tokens)
+                self.notes.append(f"{t.label}: compiling took {comp:.0f} s and pays off after about {tokens:,.0f} generated tokens "
+                                  f"({tokens / self.workload.new_tokens:,.0f} requests of this workload) against {twin.label}")
+
     def _decisive(self, a: Trial, b: Trial) -> bool:
         ca, cb = a.ci("decode_tok_s"), b.ci("decode_tok_s")
         if not ca or not cb:
@@ -558,17 +581,10 @@ class Tuner:
 
     def _choose(self) -> Trial | None:
         ok = [t for t in self.trials if t.status == STATUS_OK and t.stage != "baseline"]
-        if not ok:
-            return None
-        best = max(ok, key=self.score)
-        if self.objective == "throughput":
-            # within the best one's confidence interval, prefer the simpler config
-            lo = (best.ci("decode_tok_s") or (0, 0))[0]
-            close = [t for t in ok if (t.ci("decode_tok_s") or (0, 0))[1] >= lo]
-            best = min(close, key=lambda t: (t.simplicity, -self.score(t))) if close else best
-            if best is not max(ok, key=self.score):
-                self.notes.append(f"picked {best.label}: within the noise of the fastest ({max(ok, key=self.score).label}) and simpler")
-        return best
+        pick = self.best(ok)
+        if pick is not None and pick is not max(ok, key=self.score):
+            self.notes.append(f"picked {pick.label}: within the noise of the fastest ({max(ok, key=self.score).label}) and simpler")
+        return pick
 
     def _capacity(self, pick: Trial) -> dict[str, Any]:
         """Largest batch and context that fit, from the memory model (calibrated on the measured peaks)."""
@@ -827,7 +843,7 @@ def tune(
     if facts is not None and facts.source != "probe":
         result = predict(path, facts, workload, objective)
         return result if report else result.config
-    from .probe import probe
+    from .machine import probe
 
     here = facts or probe()
     spec = read_model(path)

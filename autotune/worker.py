@@ -61,12 +61,14 @@ class _ForceTokens:
     """A logits processor that records the raw logits, then forces a fixed continuation,
     so every candidate is compared on the same token history (padded rows included)."""
 
-    def __init__(self, torch: Any, forced: Any) -> None:
-        self.torch, self.forced, self.logits = torch, forced, []
+    def __init__(self, torch: Any, forced: Any, keep: int) -> None:
+        self.torch, self.forced, self.keep, self.step, self.logits = torch, forced, keep, 0, []
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        step = len(self.logits)
-        self.logits.append(scores.detach().float().cpu())
+        step = self.step
+        self.step += 1
+        if step < self.keep:
+            self.logits.append(scores.detach().float().cpu())
         out = self.torch.full_like(scores, float("-inf"))
         tok = self.forced[:, step].to(scores.device)
         out.scatter_(1, tok.unsqueeze(1), 0.0)
@@ -153,13 +155,18 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    # warm-up on the exact shapes measured; for a compiled static cache this call compiles
+    # Warm-up on the measured shapes. A static cache is sized by prompt + new tokens, so a
+    # compiled one warms up at the full length (this call compiles, the second settles the
+    # decode graph); a dynamic cache meets the same prefill and per-step decode shapes in a
+    # short run.
+    fixed_shapes = gen.get("cache_implementation") in ("static", "offloaded_static")
+    compiled = cuda and fixed_shapes and not gen.get("disable_compile")
+    short = {} if fixed_shapes else {"max_new_tokens": min(8, n_new), "min_new_tokens": min(8, n_new)}
     t1 = time.perf_counter()
-    seq, _, _ = generate()
+    generate(**short)
     first_s = time.perf_counter() - t1
-    compiled = cuda and gen.get("cache_implementation") in ("static", "offloaded_static") and not gen.get("disable_compile")
     if compiled:
-        generate()  # a second call settles any second compile (prefill and decode graphs)
+        generate()
     graphs_before = _dynamo_graphs(torch)
 
     runs = []
@@ -195,7 +202,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if itl:
         res["itl_p50_s"] = itl[len(itl) // 2]
         res["itl_p99_s"] = itl[min(len(itl) - 1, int(len(itl) * 0.99))]
-    res["compile_s"] = max(0.0, first_s - res["total_s"])
+    res["compile_s"] = max(0.0, first_s - res["total_s"]) if compiled else 0.0
     if cuda:
         res["gpu_peak_gib"] = {str(i): round(torch.cuda.max_memory_allocated(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
         res["gpu_reserved_gib"] = {str(i): round(torch.cuda.max_memory_reserved(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
@@ -203,15 +210,18 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
 
-    # quality: raw logits over several steps on a fixed token history (not timed)
+    # quality: raw logits over several steps on a fixed token history (not timed). A static
+    # cache keeps the measured length (another length would make a compiled one recompile);
+    # every token is forced, the first `steps` logits are kept.
     steps = min(spec.get("quality_steps", 4), n_new)
     g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
-    forced = torch.randint(3, vocab, (ids.shape[0], steps), generator=g)
-    proc = _ForceTokens(torch, forced)
+    forced = torch.randint(3, vocab, (ids.shape[0], n_new), generator=g)
+    proc = _ForceTokens(torch, forced, keep=steps)
     from transformers import LogitsProcessorList
 
+    length = {} if fixed_shapes else {"max_new_tokens": steps, "min_new_tokens": steps}
     with torch.inference_mode():
-        model.generate(ids, **{**base, "max_new_tokens": steps, "min_new_tokens": steps, "logits_processor": LogitsProcessorList([proc])})
+        model.generate(ids, **{**base, **length, "logits_processor": LogitsProcessorList([proc])})
     logits = torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
     if spec.get("fault") == "corrupt":
         logits = torch.randn_like(logits) * 10

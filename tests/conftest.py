@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from autotune.facts import UNKNOWN
-from autotune.probe import NvmlUnavailable, RawDevice, RawLink
+from autotune.machine import NvmlUnavailable, RawDevice, RawLink
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ HOST = {"python": "3.12.3", "os": "Linux", "cpu_count": 16, "ram_gib": 125.8, "c
 @pytest.fixture
 def fake_probe():
     """probe() over a fake machine: fake_probe(devices, env=..., **probe kwargs)."""
-    from autotune.probe import probe
+    from autotune.machine import probe
 
     def run(devices=(), env=None, nvml=None, packages=None, torch_cuda="13.0", host=None, **kw):
         backend = nvml or FakeNvml(devices_=list(devices))

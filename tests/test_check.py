@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from autotune.check import check, exit_code
+from autotune.gate import check, exit_code
 from autotune.config import parse_config, parse_max_memory
 from autotune.errors import ConfigError
 from autotune.model import read_model
@@ -203,3 +203,17 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, match):
     assert out.returncode == 2, out.stderr
     assert match in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_public_api_names_survive_submodule_imports():
+    """`autotune.check` & co. stay the functions even after every submodule was imported."""
+    import importlib
+    import pkgutil
+
+    import autotune
+
+    for mod in pkgutil.iter_modules(autotune.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"autotune.{mod.name}")
+    for name in ("probe", "check", "doctor", "tune", "load", "load_target"):
+        assert callable(getattr(autotune, name)), name

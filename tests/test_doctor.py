@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from autotune.doctor import doctor
+from autotune.diagnosis import doctor
 from autotune.facts import Facts, load_facts
 from autotune.profiles import apply_overrides, load_target
 
@@ -60,7 +60,7 @@ def test_broken_installation_exits_1():
 
 
 def test_nvml_broken_exits_1(fake_probe):
-    from autotune.probe import NvmlUnavailable
+    from autotune.machine import NvmlUnavailable
 
     f = fake_probe(nvml=FakeNvml(init_error=NvmlUnavailable("mismatch", "Driver/library version mismatch")))
     assert doctor(f)["exit_code"] == 1
@@ -73,7 +73,7 @@ def test_mixed_gpus_each_judged(fake_probe):
     # the base candidate sits on GPU 0 (the A100 in CUDA order) - FA2 runs there
     assert fa2["status"] == "available"
     f2 = apply_overrides(f, [])
-    from autotune.check import check
+    from autotune.gate import check
 
     rep = check({"attn_implementation": "flash_attention_2", "dtype": "float16", "device_map": "auto"}, facts=f2)
     gpus = [x.get("gpu") for x in rep["findings"] if x["rule"] == "ATTN-FA2-ARCH"]

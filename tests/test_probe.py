@@ -7,7 +7,7 @@ import json
 import pytest
 
 from autotune.facts import UNKNOWN, Facts
-from autotune.probe import NvmlUnavailable, cuda_order, host_info, package_versions, torch_cuda_version
+from autotune.machine import NvmlUnavailable, cuda_order, host_info, package_versions, torch_cuda_version
 
 from .conftest import A100, H100, T4, FakeNvml, device
 
@@ -103,7 +103,7 @@ def test_probe_never_imports_torch(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, autotune.probe as p; p.probe(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, autotune.machine as p; p.probe(); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 
@@ -148,7 +148,7 @@ def test_deep_probe_runs_in_a_subprocess(fake_probe, deep_timeout):
 
 
 def test_deep_probe_survives_a_hang(monkeypatch, tmp_path):
-    from autotune import probe as probe_mod
+    from autotune import machine as probe_mod
 
     slow = tmp_path / "python"
     slow.write_text("#!/bin/sh\nsleep 30\n")

@@ -174,13 +174,14 @@ def test_prediction_for_a100_with_flash_attn(tiny_llama):
 
 
 def test_cli_tune_json_and_output(tiny_llama, tmp_path):
-    out = run_cli("tune", str(tiny_llama), "--prompt-len", "32", "--new-tokens", "8", "--reps", "2", "--json", "--no-cache", "-o", str(tmp_path / "cfg.json"),
+    out = run_cli("tune", str(tiny_llama), "--prompt-len", "32", "--new-tokens", "8", "--reps", "2", "--json", "--no-cache", "-o", str(tmp_path / "cfg.json"), "--plot", str(tmp_path / "tune.png"),
                   env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["measured"] and report["pick"] and report["trials"]
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg == report["config"]
+    assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chk = run_cli("check", str(tmp_path / "cfg.json"), "--model", str(tiny_llama))
     assert chk.returncode == 0, chk.stdout
 
@@ -194,3 +195,23 @@ def test_cli_tune_json_and_output(tiny_llama, tmp_path):
 def test_cli_tune_bad_input(tmp_path, args, match):
     out = run_cli(*args, cwd=tmp_path, env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
     assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_quality_verdicts():
+    import torch
+
+    from autotune.quality import compare, verdict
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 4, 1000) * 0.1
+    ref[..., 2] = float("-inf")  # EOS masked by min_new_tokens in both
+    close = ref + torch.randn_like(ref) * 0.001
+    assert verdict(compare(ref, close), floor=1e-6, quantized=False)[0]
+    garbage = torch.randn_like(ref) * 10
+    m = compare(ref, garbage)
+    assert m["kl"] > 10
+    assert not verdict(m, floor=1e-6, quantized=True)[0], "garbage fails even the quantized bound"
+    nan = close.clone()
+    nan[0, 0, 5] = float("nan")
+    ok, why = verdict(compare(ref, nan), floor=1e-6, quantized=False)
+    assert not ok and "NaN" in why

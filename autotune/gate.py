@@ -27,7 +27,7 @@ def resolve_facts(
         elif target is not None:
             facts = load_target(target)
         else:
-            from .probe import probe
+            from .machine import probe
 
             facts = probe()
     return apply_overrides(facts, overrides)
