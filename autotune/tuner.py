@@ -381,8 +381,8 @@ class Tuner:
         return done, done + max(waiting, 1)
 
     def best(self, trials: Iterable[Trial]) -> Trial | None:
-        """The best by the objective; for throughput, the simplest of those within the
-        fastest one's 95 % interval (no quantization, fewer packages, no compile)."""
+        """The best by the objective; for throughput, the simplest of those whose median lies
+        within the fastest one's 95 % interval (no quantization, fewer packages, no compile)."""
         ok = [t for t in trials if t.status == STATUS_OK and t.stage != "baseline"]
         if not ok:
             return None
@@ -390,7 +390,7 @@ class Tuner:
         if self.objective != "throughput":
             return top
         lo = (top.ci("decode_tok_s") or (0, 0))[0]
-        close = [t for t in ok if (t.ci("decode_tok_s") or (0, 0))[1] >= lo]
+        close = [t for t in ok if (t.median("decode_tok_s") or 0) >= lo]  # its median inside the top's interval
         return min(close, key=lambda t: (t.simplicity, -self.score(t)))
 
     def score(self, t: Trial) -> float:
@@ -803,6 +803,22 @@ def default_model(root: Path | None = None) -> Path:
     return folder
 
 
+def _from_hub(name: str) -> Path:
+    """A hub id (``org/name``) when a hub is reachable: config, weights and tokenizer only."""
+    import re
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise UserError(f"model folder not found: {name}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"model folder not found: {name} (and HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one line for the user
+        raise UserError(f"model folder not found: {name}, and the hub did not provide it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
 def tune(
     model: str | Path | None = None,
     *,
@@ -838,7 +854,7 @@ def tune(
     workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
     path = Path(model) if model is not None else default_model()
     if not path.exists():
-        raise UserError(f"model folder not found: {path} (autotune tunes local model folders; download with `hf download` first)")
+        path = _from_hub(str(model))
     budget = parse_max_memory(max_memory) if max_memory else None
     if facts is not None and facts.source != "probe":
         result = predict(path, facts, workload, objective)

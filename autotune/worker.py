@@ -84,6 +84,37 @@ def _dynamo_graphs(torch: Any) -> int:
         return -1
 
 
+def gpu_state() -> list[dict[str, Any]] | None:
+    """Clocks, clock-event (throttle) reasons and other processes per GPU, read through NVML."""
+    try:
+        import pynvml
+
+        from .machine import PynvmlBackend
+
+        pynvml.nvmlInit()
+        try:
+            out = []
+            reasons = PynvmlBackend()
+            reasons._nv = pynvml
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+                out.append({
+                    "nvml_index": i,
+                    "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                    "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                    "clock_event_reasons": reasons._reasons(pynvml.nvmlDeviceGetCurrentClocksEventReasons(h)),
+                    "processes": len(procs),
+                    "other_processes": sum(1 for p in procs if p.pid != os.getpid()),
+                    "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+                })
+            return out
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # noqa: BLE001 - logging only; never fails a candidate
+        return [{"error": f"{type(e).__name__}: {e}"[:200]}]
+
+
 def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
     out = Path(out_dir)
     result: dict[str, Any] = {"label": spec["label"], "status": "error"}
@@ -155,15 +186,14 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    # Warm-up on the measured shapes. A static cache is sized by prompt + new tokens, so a
-    # compiled one warms up at the full length (this call compiles, the second settles the
-    # decode graph); a dynamic cache meets the same prefill and per-step decode shapes in a
-    # short run.
+    # Warm-up on exactly the measured shapes and length. (A shorter warm-up was tried: with a
+    # dynamic cache the first full-length timed run then came out up to 10x slower on an H100,
+    # the allocator still growing the cache's blocks, which spoils the medians.) For a
+    # compiled static cache this call compiles and a second one settles the decode graph.
     fixed_shapes = gen.get("cache_implementation") in ("static", "offloaded_static")
     compiled = cuda and fixed_shapes and not gen.get("disable_compile")
-    short = {} if fixed_shapes else {"max_new_tokens": min(8, n_new), "min_new_tokens": min(8, n_new)}
     t1 = time.perf_counter()
-    generate(**short)
+    generate()
     first_s = time.perf_counter() - t1
     if compiled:
         generate()
@@ -206,6 +236,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if cuda:
         res["gpu_peak_gib"] = {str(i): round(torch.cuda.max_memory_allocated(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
         res["gpu_reserved_gib"] = {str(i): round(torch.cuda.max_memory_reserved(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
+    res["gpu_state"] = gpu_state() if cuda else None
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
