@@ -9,13 +9,12 @@ cannot parse.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, read_json_file
 
 DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {
@@ -313,20 +312,9 @@ def _bnb_options(q: Mapping[str, Any], kw: dict[str, Any], prefix: str) -> None:
         kw["fp32_cpu_offload"] = _bool(q["llm_int8_enable_fp32_cpu_offload"], f"{prefix}llm_int8_enable_fp32_cpu_offload")
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """Read a config file (JSON). Raises UserError with one clear line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read config file {p}: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return data
+def read_config(path: str | Path) -> Any:
+    """Read a config file (JSON); every problem with it is a ConfigError with one clear line."""
+    return read_json_file(path, "config", ConfigError)
 
 
 # ---------------------------------------------------------------------------- applying a config

@@ -27,3 +27,23 @@ class RuleFileError(ValueError):
         self.path = path
         self.key = key
         self.problem = problem
+
+
+def read_json_file(path: object, kind: str, error: type[UserError] = UserError) -> object:
+    """Read a JSON file named by the user; every problem is ``error`` with one clear line."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{kind} file not found: {p}") from None
+    except IsADirectoryError:
+        raise error(f"{kind} file is a directory: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {kind} file {p}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from packaging.version import InvalidVersion, Version
 
-from .errors import FactsError
+from .errors import FactsError, read_json_file
 
 SCHEMA = 1
 
@@ -319,17 +319,4 @@ def _link_from(raw: Any, where: str) -> Link:
 
 def load_facts(path: str | Path) -> Facts:
     """Read a facts file. Every problem with it is a :class:`FactsError` with one clear line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FactsError(f"facts file not found: {p}") from None
-    except IsADirectoryError:
-        raise FactsError(f"facts file is a directory: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FactsError(f"cannot read facts file {p}: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FactsError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return Facts.from_dict(data, where=str(p))
+    return Facts.from_dict(read_json_file(path, "facts", FactsError), where=str(path))
