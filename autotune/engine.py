@@ -14,7 +14,6 @@ The fact paths a rule may read:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -345,6 +344,3 @@ def _apply(rule: Rule, ctx: Context, result: Result, unknown_needs: list[str], g
             )
         )
 
-
-def replace_candidate(candidate: Candidate, **changes: Any) -> Candidate:
-    return dataclasses.replace(candidate, **changes)

@@ -52,8 +52,6 @@ class Unknown:
         raise TypeError("an Unknown result must be checked with isinstance, not bool()")
 
 
-Tri = "bool | Unknown"
-
 
 def _all(results: list[Any]) -> Any:
     if any(r is False for r in results):

@@ -162,16 +162,6 @@ def _simplicity(attn: str, quant: str | None, cache: str | None, compile_: bool,
     return s
 
 
-@dataclass
-class Plan:
-    device: str  # "cuda" / "cpu"
-    half: str  # the preferred half precision
-    first_dtype: str
-    placement: dict[str, Any]
-    fits: bool
-    note: str = ""
-
-
 def preferred(facts: Facts) -> tuple[str, str]:
     """(device, preferred dtype) for this machine."""
     gpus = facts.gpus if facts.gpus is not UNKNOWN else ()

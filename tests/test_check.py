@@ -11,7 +11,7 @@ from autotune.config import parse_config, parse_max_memory
 from autotune.errors import ConfigError
 from autotune.model import read_model
 
-from .conftest import ROOT, run_cli, save_tiny_llama, write_json
+from .conftest import run_cli, write_json
 
 FULL = {
     "from_pretrained": {"dtype": "bfloat16", "attn_implementation": "sdpa", "device_map": {"": 0}},
