@@ -54,6 +54,9 @@ class ForkRunner:
         hello = self._read(120)
         if not hello or not json.loads(hello).get("ready"):
             raise RuntimeError("the fork server did not start (is torch importable?)")
+        if json.loads(hello).get("cuda_initialized"):  # children would inherit a CUDA context
+            self.close_server()
+            raise RuntimeError("the fork server initialised CUDA while importing; candidates cannot be forked from it")
         self.server_start_s = time.perf_counter() - t0
         return self.proc
 
