@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -686,13 +687,16 @@ class ResultCache:
 
     def put(self, key: str, result: dict[str, Any]) -> None:
         self.data["results"][key] = result
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, default=str))
-        os.replace(tmp, self.path)
+        self._write()
 
     def save_pick(self, result: TuneResult) -> None:
         self.data["pick"] = result.config
-        self.put("_pick", {"status": "pick"})
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, default=str))
+        os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
 
 
 def model_fingerprint(model: ModelSpec) -> str:
@@ -789,7 +793,10 @@ def default_model(root: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    os.replace(tmp, folder) if not folder.exists() else None
+    if folder.exists():  # built meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
     return folder
 
 
