@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["auto", "always", "never"], default="auto",
                    help="auto: only for --objective memory or when the model does not fit")
     p.add_argument("--min-throughput", type=float, default=0.0, metavar="TOK_S", help="with --objective memory: the floor in tokens/s")
-    p.add_argument("--reps", type=int, default=3, help="timed generate calls per candidate run")
+    p.add_argument("--headroom", type=float, default=1.0, metavar="GIB",
+                   help="GiB kept free on each GPU beyond the estimate when max_memory is derived for a device_map split (default 1)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="pin the dtype instead of searching it")
+    p.add_argument("--attention", metavar="IMPL", help="pin attn_implementation (eager, sdpa, flash_attention_2, ...) instead of searching it")
+    p.add_argument("--cache", choices=["dynamic", "static"], help="pin the KV cache instead of searching it")
+    p.add_argument("--no-capacity-check", action="store_true", help="report capacity from the memory model without the check run")
+    p.add_argument("--reps", type=int, default=3, help="timed generate calls per candidate run at most (at least 2 while they agree within 10 %%)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-candidate timeout")
     p.add_argument("--no-cache", action="store_true", help="measure afresh; do not read or write the result cache")
     p.add_argument("--json", action="store_true", help="print the full report (every candidate's measurements)")
@@ -229,7 +235,8 @@ def _tune(args: argparse.Namespace) -> int:
         result = tune(args.model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens, padding=args.padding,
                       objective=args.objective, time_budget=args.time_budget, facts=facts, max_memory=args.max_memory,
                       quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
-                      candidate_timeout=args.timeout, progress=progress, report=True)
+                      candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
+                      attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check)
     finally:
         if bar is not None:
             bar.close()

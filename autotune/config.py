@@ -67,6 +67,7 @@ class Candidate:
     disable_compile: bool = False
     tp_plan: Any = None
     distributed_config: bool = False
+    tp_size: Any = None  # processes in the tensor-parallel group: distributed_config.tp_size, else the launch's --nproc-per-node
     launch: Any = None
     to_bettertransformer: bool = False
     legacy: tuple[str, ...] = ()
@@ -92,6 +93,10 @@ class Candidate:
             parts.append(f"{self.cache_implementation}-cache" + ("+compile" if self.compile else ""))
         if self.device_map not in (None, {"": 0}, "cuda", 0):
             parts.append(f"device_map={self.device_map if isinstance(self.device_map, str) else 'custom'}")
+            if isinstance(self.max_memory, dict) and "cpu" in self.max_memory:
+                parts.append("+cpu-offload")
+        if self.tp_plan is not None or self.distributed_config:
+            parts.append(f"tensor-parallel x{self.tp_size}" if self.tp_size else "tensor-parallel")
         return " ".join(parts)
 
 
@@ -130,6 +135,8 @@ def parse_max_memory(value: Any, where: str = "max_memory") -> dict[str, int]:
             key, sep, size = part.partition("=")
             if not sep:
                 raise ConfigError(f"{where}: expected DEVICE=SIZE pairs like 0=20GiB,cpu=64GiB; found {part!r}")
+            if key.strip() in items:
+                raise ConfigError(f"{where}: device {key.strip()!r} is given twice")
             items[key.strip()] = size.strip()
         value = items
     if not isinstance(value, Mapping) or not value:
@@ -140,7 +147,9 @@ def parse_max_memory(value: Any, where: str = "max_memory") -> dict[str, int]:
         if k.startswith("cuda:"):
             k = k[5:]
         if not (k.isdigit() or k in ("cpu", "disk", "mps")):
-            raise ConfigError(f"{where}: key {key!r} is not a GPU ordinal, 'cpu' or 'disk'")
+            raise ConfigError(f"{where}: key {key!r} is not a GPU ordinal, 'cpu' or 'disk')")
+        if k in out:
+            raise ConfigError(f"{where}: device {k!r} is given twice")
         out[k] = parse_size(size, f"{where}[{key!r}]")
     return out
 
@@ -261,6 +270,10 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         dc = fp["distributed_config"]
         if isinstance(dc, Mapping) and dc.get("tp_plan") is not None:
             kw["tp_plan"] = dc["tp_plan"]
+        if isinstance(dc, Mapping) and dc.get("tp_size") is not None:
+            kw["tp_size"] = _int(dc["tp_size"], "distributed_config.tp_size")
+    if fp.get("tp_size") is not None:
+        kw["tp_size"] = _int(fp["tp_size"], "tp_size")
 
     # generate and runtime
     if "cache_implementation" in gen and gen["cache_implementation"] is not None:
@@ -275,7 +288,12 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             raise ConfigError(f"runtime.sdpa_backend: unknown value {backend!r}; use one of {', '.join(SDPA_BACKENDS)}")
         kw["sdpa_backend"] = backend
     if rt.get("launch") is not None:
+        if not isinstance(rt["launch"], str):
+            raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
         kw["launch"] = rt["launch"]
+        nproc = launch_nproc(rt["launch"])
+        if nproc is not None:
+            kw.setdefault("tp_size", nproc)
     tb = cfg.get("to_bettertransformer", rt.get("to_bettertransformer", False))
     if tb:
         legacy.append("to_bettertransformer")
@@ -298,6 +316,18 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
     kw["legacy"] = tuple(legacy)
     kw["unjudged"] = tuple(k for k in fp if k not in _JUDGED)
     return Candidate(**kw)
+
+
+def launch_nproc(command: str) -> int | None:
+    """The process count of a ``torchrun`` command line (``--nproc-per-node N`` / ``--nproc_per_node=N``)."""
+    m = re.search(r"--nproc[-_]per[-_]node[= ](\d+)", command)
+    return int(m.group(1)) if m else None
+
+
+def launch_command(nproc: int, script: str = "your_script.py", gpus: list[int] | None = None) -> str:
+    """The command that starts a tensor-parallel config: one process per GPU."""
+    env = f"CUDA_VISIBLE_DEVICES={','.join(str(g) for g in gpus)} " if gpus is not None else ""
+    return f"{env}torchrun --nproc-per-node {nproc} {script}"
 
 
 def _bnb_options(q: Mapping[str, Any], kw: dict[str, Any], prefix: str) -> None:
@@ -331,6 +361,10 @@ def from_pretrained_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
         fp["quantization_config"] = BitsAndBytesConfig(**{k: v for k, v in q.items() if k != "quant_method"})
+    if isinstance(fp.get("distributed_config"), Mapping):
+        from transformers import DistributedConfig
+
+        fp["distributed_config"] = DistributedConfig(**fp["distributed_config"])
     return fp
 
 

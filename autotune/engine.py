@@ -103,13 +103,28 @@ def gpus_used(candidate: Candidate, facts: Facts) -> Any:
     if not visible:
         return []
     if candidate.tp_plan is not None or candidate.distributed_config:
-        return visible
+        return visible[: candidate.tp_size] if candidate.tp_size else visible  # torchrun's LOCAL_RANK r uses GPU r
     if dm in ("auto", "balanced", "balanced_low_0", "sequential"):
         if candidate.max_memory:
             named = [int(k) for k in candidate.max_memory if k.isdigit()]
             return [i for i in visible if i in named]
         return visible
     return [visible[0]]  # no device_map: the user moves the model to GPU 0 (model.to("cuda"))
+
+
+def _nvlinked(facts: Facts, gpus: list[int]) -> Any:
+    """True when every pair of these GPUs has NVLink, False when a pair has none, else UNKNOWN."""
+    if facts.links is UNKNOWN or not facts.links:
+        return UNKNOWN
+    pairs = {(min(x.a, x.b), max(x.a, x.b)): x for x in facts.links}
+    seen = []
+    for i, a in enumerate(gpus):
+        for b in gpus[i + 1:]:
+            link = pairs.get((min(a, b), max(a, b)))
+            seen.append(UNKNOWN if link is None or link.nvlink_links is UNKNOWN else link.nvlink_links > 0)
+    if any(v is False for v in seen):
+        return False
+    return UNKNOWN if any(v is UNKNOWN for v in seen) else True
 
 
 def _cuda_tag(driver_cuda: Any) -> Any:
@@ -222,8 +237,12 @@ class Context:
                 d["gqa_without_mask"] = self.model.gqa and not d["padding"]
             heads = self.model.num_heads if self.model is not None else UNKNOWN
             kv = self.model.num_kv_heads if self.model is not None else UNKNOWN
+            if f.gpus is not UNKNOWN and f.gpus:
+                d["tp_size"] = (c.tp_size or len(f.gpus)) if (c.tp_plan is not None or c.distributed_config) else None
+                d["tp_exceeds_gpus"] = d["tp_size"] is not None and d["tp_size"] > len(f.gpus)
+                d["tp_nvlink"] = _nvlinked(f, used) if d["tp_size"] and used is not UNKNOWN else None
             if heads is not UNKNOWN and kv is not UNKNOWN and f.gpus is not UNKNOWN and f.gpus:
-                n = len(f.gpus)
+                n = d["tp_size"] or len(f.gpus)
                 d["heads_divide_gpus"] = heads % n == 0 and kv % n == 0
         self._derived = d
         return d

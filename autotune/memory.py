@@ -7,6 +7,7 @@ unquantized (transformers' ``get_keys_to_not_convert``), so they stay in the com
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +91,14 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
     w = candidate.workload
     kv_cache = 2 * layers * kv * hd * w.batch_size * w.seq_len * b
     inter = model.intermediate_size if model.intermediate_size is not UNKNOWN else 4 * hidden
-    act = w.batch_size * w.prompt_len * (4 * hidden + 2 * inter) * b + w.batch_size * vocab * 4
+    # prefill: the MLP's gate, up and product live together (3 x intermediate), the residual
+    # stream and attention in/out (6 x hidden), RMSNorm upcasts to float32; logits only for the
+    # last position. (Checked on an H100: 2 x intermediate underestimated batch-2205 prefill.)
+    tokens = w.batch_size * w.prompt_len
+    act = tokens * (6 * hidden + 3 * inter) * b + tokens * hidden * 4 + w.batch_size * vocab * 4
     if candidate.attn_implementation in ("eager",) or (candidate.attn_implementation in (None, "sdpa") and candidate.sdpa_backend == "math"):
-        act += w.batch_size * heads * w.prompt_len * w.prompt_len * 4  # scores, softmax in fp32
+        # scores in the dtype, softmax in float32, cast back: (2 x dtype + 4) bytes per score
+        act += w.batch_size * heads * w.prompt_len * w.prompt_len * (2 * b + 4)
     return Estimate(load_dtype=dtype, weights=weights, kv_cache=kv_cache, activations=act, overhead=CUDA_CONTEXT if on_gpu else 0)
 
 
@@ -132,7 +138,11 @@ def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[in
         out["spills"] = False
         out["where"] = "CPU RAM"
         return out
-    budgets = [gpu_budget(facts, i, candidate) for i in gpus_used]
+    mm = candidate.max_memory or {}
+    strategy = candidate.device_map in ("auto", "balanced", "balanced_low_0", "sequential")
+    # accelerate reads max_memory as the room for *weights* when it places a strategy's layers;
+    # the KV cache, activations and the CUDA context come on top, in the GPUs' own memory
+    budgets = [gpu_budget(facts, i, candidate if not strategy else dataclasses.replace(candidate, max_memory=None)) for i in gpus_used]
     if any(b is UNKNOWN for b in budgets):
         out.update(budget_gib=UNKNOWN, fits=UNKNOWN, spills=UNKNOWN, where="GPU")
         return out
@@ -140,12 +150,12 @@ def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[in
     out["budget_gib"] = round(sum(budgets) / GIB, 2)
     out["where"] = ", ".join(f"GPU {i}" for i in gpus_used)
     on_gpus = est.total - est.overhead <= usable if len(gpus_used) > 1 else est.total <= budgets[0]
+    if strategy and mm and all(str(i) in mm for i in gpus_used):
+        on_gpus = on_gpus and est.weights * FRAGMENTATION <= sum(mm[str(i)] for i in gpus_used)
     # With a device_map strategy, accelerate puts what does not fit on the CPU (unless max_memory excludes it).
-    can_spill = candidate.device_map in ("auto", "balanced", "balanced_low_0", "sequential") and (
-        not candidate.max_memory or "cpu" in candidate.max_memory
-    )
+    can_spill = strategy and (not mm or "cpu" in mm)
     out["fits"] = on_gpus or can_spill
     out["spills"] = (not on_gpus) and can_spill
     if out["spills"]:
-        out["spill_gib"] = round((est.total - est.overhead * len(gpus_used) - usable) / GIB, 2)
+        out["spill_gib"] = round(max(est.total - est.overhead * len(gpus_used) - usable, est.weights * FRAGMENTATION - sum(mm.get(str(i), 0) for i in gpus_used) if mm else 0) / GIB, 2)
     return out

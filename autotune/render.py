@@ -168,9 +168,25 @@ def tune_text(result: Any) -> str:
         b, p = result.baseline.median("decode_tok_s"), result.pick.median("decode_tok_s")
         if b and p:
             lines.append(f"Pick vs transformers' defaults: {p:.1f} vs {b:.1f} tok/s ({p / b:.2f}x)")
+    gpus_seen = sorted({k for t in result.trials for r in t.results if r.get("status") == "ok" for k in (r.get("gpu_peak_gib") or {})})
+    if len(gpus_seen) > 1:
+        lines.append("Per-GPU peak memory (GiB):")
+        for t in result.trials:
+            peaks = next((r.get("gpu_peak_gib") for r in reversed(t.results) if r.get("status") == "ok" and r.get("gpu_peak_gib")), None)
+            if peaks:
+                lines.append(f"  {t.label[:60]:60} " + "  ".join(f"GPU {k}: {v:.2f}" for k, v in sorted(peaks.items())))
     if result.capacity:
         c = result.capacity
-        lines.append(f"Capacity of the pick (memory model, calibration x{c.get('calibration')}): batch up to {c.get('max_batch_size')} at this prompt length; prompt up to {c.get('max_prompt_len')} tokens at this batch size")
+        checked = c.get("checked")
+        how = "checked by a run" if checked is True else ("check failed: " + str(checked)[8:] if isinstance(checked, str) else "not checked by a run")
+        lines.append(f"Capacity of the pick (memory model, calibration x{c.get('calibration')}; {how}): batch up to {c.get('max_batch_size')} "
+                     f"at this prompt length; prompt up to {c.get('max_prompt_len')} tokens at this batch size")
+    launch = (result.config.get("runtime") or {}).get("launch") if result.config else None
+    if launch:
+        lines += ["", "This config runs as one process per GPU. Start your script with:", f"  {launch}",
+                  "and in it:", "  import autotune, json",
+                  "  model = autotune.load(MODEL, json.load(open('config.json')))  # each process loads its shard",
+                  "  out = model.generate(**inputs)  # every process runs the same generate; rank 0's output is the answer"]
     for n in result.notes:
         lines.append(_wrap(f"note: {n}", 0))
     lines.append("")

@@ -5,6 +5,14 @@ and never touches CUDA. Each candidate is a child forked from it: imports cost n
 allocator caches, CUDA-graph pools, dynamo's recompile limit, global backend flags and
 sticky CUDA errors die with the child. A crash, hang (timeout) or OOM in one candidate is a
 result, never the end of the tune; if the server itself dies it is started again.
+
+Two other ways in, with the same timeout, result files and failure reports:
+
+* while the server is still importing (15-25 s on a GPU machine), the first candidate runs in
+  a fresh interpreter beside it (``python -m autotune.worker``) instead of waiting; its timed
+  runs wait until the server is ready, so the two never overlap with a measurement;
+* a tensor-parallel candidate (``spec["nproc"] > 1``) is started with torchrun, one fresh
+  process per GPU; the ranks' results are merged (rank 0's timings, every rank's GPU peak).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,30 +44,81 @@ class ForkRunner:
         if preload_model_type:
             mt = preload_model_type.replace("-", "_")
             self.preload.append(f"transformers.models.{mt}.modeling_{mt}")
-        self._tmp = tempfile.TemporaryDirectory(prefix="autotune-run-") if workdir is None else None
-        self.workdir = Path(workdir or self._tmp.name)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.count = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="autotune-run-")
+        self.workdir = Path(workdir or self._tmp.name)  # may be changed before the first run
+        self.count = 0  # the last run folder's number
+        self.runs = 0
         self.proc: subprocess.Popen | None = None
         self.server_start_s: float | None = None
+        self.fresh_first = True  # the first candidate may run in a fresh interpreter while the server imports
+        self._hello: threading.Thread | None = None
+        self._hello_line: str | None = None
+        self._ready_flag = Path(self._tmp.name) / "server-ready"
 
-    def _server(self) -> subprocess.Popen:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc
+    @staticmethod
+    def _env() -> dict[str, str]:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        t0 = time.perf_counter()
+        return env
+
+    def start(self) -> None:
+        """Start the fork server now, without waiting for it (it imports for 15-25 s on a GPU
+        machine): call this first, and do the CPU-side work of the tune meanwhile."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._ready_flag.unlink(missing_ok=True)
+        self._t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "autotune._forkserver", *self.preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
-        hello = self._read(120)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
+
+        def hello(proc: subprocess.Popen = self.proc) -> None:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 180)
+            self._hello_line = proc.stdout.readline() if ready else None
+            self.server_start_s = time.perf_counter() - self._t0
+            self._ready_flag.touch()  # also on failure: nothing waits for a server that will not come
+
+        self._hello = threading.Thread(target=hello, daemon=True)
+        self._hello.start()
+
+    def _server_ready(self) -> bool:
+        return self._hello is not None and not self._hello.is_alive()
+
+    def _server(self) -> subprocess.Popen:
+        if self.proc is not None and self.proc.poll() is None and self._server_ready():
+            return self.proc
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        assert self._hello is not None and self.proc is not None
+        self._hello.join()
+        hello = self._hello_line
         if not hello or not json.loads(hello).get("ready"):
+            self.close_server()
             raise RuntimeError("the fork server did not start (is torch importable?)")
         if json.loads(hello).get("cuda_initialized"):  # children would inherit a CUDA context
             self.close_server()
             raise RuntimeError("the fork server initialised CUDA while importing; candidates cannot be forked from it")
-        self.server_start_s = time.perf_counter() - t0
         return self.proc
+
+    def _process(self, cmd: list[str], spec: dict[str, Any], out: Path, timeout: float) -> dict[str, Any]:
+        """Run ``cmd`` (a fresh interpreter or torchrun) in its own session; kill it on timeout."""
+        (out / "spec.json").write_text(json.dumps(spec))
+        with open(out / "log.txt", "wb") as log:
+            proc = subprocess.Popen(cmd + [str(out / "spec.json"), str(out)], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self._env(), start_new_session=True)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
+        if code < 0:
+            return {"exit": None, "signal": -code, "timed_out": False}
+        return {"exit": code, "signal": None, "timed_out": False}
 
     def _read(self, timeout: float) -> str | None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -66,31 +126,47 @@ class ForkRunner:
         return self.proc.stdout.readline() if ready else None
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self.count += 1
-        out = self.workdir / f"{self.count:03d}"
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("result.json", "logits.pt"):
-            (out / name).unlink(missing_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        while True:  # a fresh folder: earlier runs' folders hold logits that cached results point to
+            self.count += 1
+            out = self.workdir / f"{self.count:03d}"
+            try:
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        self.runs += 1
         timeout = float(spec.get("timeout_s") or self.timeout_s)
         t0 = time.perf_counter()
-        proc = self._server()
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps({"spec": spec, "out_dir": str(out), "timeout": timeout}) + "\n")
-        proc.stdin.flush()
-        line = self._read(timeout + 60)
+        nproc = int(spec.get("nproc") or 1)
+        how = "forked"
+        if nproc > 1:
+            how = "torchrun"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "autotune.worker"]
+            reply = self._process(cmd, spec, out, timeout)
+        elif self.fresh_first and self.runs == 1 and self.proc is not None and not self._server_ready():
+            how = "fresh interpreter (the fork server was still importing)"
+            reply = self._process([sys.executable, "-m", "autotune.worker"], {**spec, "wait_for": str(self._ready_flag)}, out, timeout)
+        else:
+            proc = self._server()
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"spec": spec, "out_dir": str(out), "timeout": timeout}) + "\n")
+            proc.stdin.flush()
+            line = self._read(timeout + 60)
+            reply = json.loads(line) if line else {"exit": None, "signal": None, "timed_out": True, "server_lost": True}
+            if line is None:
+                self.close_server()
         wall = time.perf_counter() - t0
-        reply = json.loads(line) if line else {"exit": None, "signal": None, "timed_out": True, "server_lost": True}
-        if line is None:
-            self.close_server()
         if reply.get("timed_out"):
             result = {"label": spec["label"], "status": "timeout", "error": f"no result after {timeout:.0f} s (hung?); killed"}
         elif (out / "result.json").is_file():
-            result = json.loads((out / "result.json").read_text())
+            result = _merge_ranks(out)
         else:
             how = f"killed by signal {signal.Signals(reply['signal']).name}" if reply.get("signal") else f"exit code {reply.get('exit')}"
             result = {"label": spec["label"], "status": "crashed", "error": f"the candidate's process died ({how}): {_tail(out / 'log.txt')}"}
         result["wall_s"] = round(wall, 2)
         result["dir"] = str(out)
+        result["process"] = how
         return result
 
     def close_server(self) -> None:
@@ -111,8 +187,24 @@ class ForkRunner:
             except subprocess.TimeoutExpired:
                 self.close_server()
         self.proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self._tmp.cleanup()
+
+
+def _merge_ranks(out: Path) -> dict[str, Any]:
+    """Rank 0's result, with every rank's own GPU peak and the first failing rank's error."""
+    result = json.loads((out / "result.json").read_text())
+    for f in sorted(out.glob("result.rank*.json")):
+        try:
+            other = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for key in ("gpu_peak_gib", "gpu_reserved_gib"):
+            if isinstance(other.get(key), dict):
+                result.setdefault(key, {}).update(other[key])
+        result["host_peak_gib"] = round(max(result.get("host_peak_gib") or 0, other.get("host_peak_gib") or 0), 3)
+        if other.get("status") != "ok" and result.get("status") == "ok":
+            result.update(status=other.get("status", "error"), error=f"{f.stem}: {other.get('error', '')}", oom=other.get("oom", False))
+    return result
 
 
 def _tail(path: Path, n: int = 3) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import __version__
-from .config import Workload, parse_config, parse_max_memory
+from .config import Workload, launch_command, parse_config, parse_max_memory
 from .engine import run as run_rules
 from .errors import UserError
 from .facts import UNKNOWN, Facts
@@ -40,6 +40,11 @@ from .model import ModelSpec, read_model
 from .quality import compare, verdict
 
 OBJECTIVES = ("throughput", "latency", "memory")
+# A stage carries forward the simplest option within this fraction of the stage's fastest:
+# the dynamic-cache candidates a stage compares move by +-20 % between fresh processes on an
+# H100 (docs/PERFORMANCE.md), so a few per cent there is noise, and the choice decides what is
+# compiled next. The final pick uses the confidence interval alone.
+STAGE_MARGIN = 0.10
 STATUS_OK = "ok"
 
 
@@ -163,6 +168,17 @@ def _simplicity(attn: str, quant: str | None, cache: str | None, compile_: bool,
     return s
 
 
+def _placement_cost(c: Any) -> int:
+    """Placement's share of simplicity: one GPU < a device_map split < tensor parallel (torchrun) < CPU offload."""
+    if c.tp_plan is not None or c.distributed_config:
+        return 4
+    if isinstance(c.max_memory, dict) and "cpu" in c.max_memory:
+        return 8
+    if c.device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return 2
+    return 0
+
+
 def preferred(facts: Facts) -> tuple[str, str]:
     """(device, preferred dtype) for this machine."""
     gpus = facts.gpus if facts.gpus is not UNKNOWN else ()
@@ -229,8 +245,13 @@ class Tuner:
         faults: dict[str, str] | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         candidate_timeout: float | None = None,
+        headroom_gib: float = 1.0,
+        fixed: dict[str, str] | None = None,
+        check_capacity: bool = True,
     ) -> None:
-        """``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt."""
+        """``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt.
+        ``fixed`` pins axes the caller has decided: {"dtype": ..., "attention": ..., "cache": "dynamic" | "static"}.
+        ``headroom_gib``: per GPU, kept free beyond the estimate when max_memory is derived for a device_map split."""
         if objective not in OBJECTIVES:
             raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
         if quantization not in ("auto", "always", "never"):
@@ -251,10 +272,26 @@ class Tuner:
         self.faults = faults or {}
         self.progress = progress or (lambda label, done, total: None)
         self.candidate_timeout = candidate_timeout
+        if headroom_gib < 0:
+            raise UserError("headroom must be >= 0 GiB")
+        self.headroom = int(headroom_gib * GIB)
+        self.fixed = dict(fixed or {})
+        bad = set(self.fixed) - {"dtype", "attention", "cache"}
+        if bad:
+            raise UserError(f"cannot fix {sorted(bad)[0]!r}; fixable axes are dtype, attention, cache")
+        if self.fixed.get("cache") not in (None, "dynamic", "static"):
+            raise UserError("cache must be dynamic or static")
+        self.check_capacity = check_capacity
         self.trials: list[Trial] = []
         self.notes: list[str] = []
         self.start = time.perf_counter()
         self.device, self.half = preferred(facts)
+        # the rules and the estimate judge against the user's budget where it is below what is free
+        self.judge_facts = facts
+        if max_memory and facts.gpus not in (UNKNOWN, ()):
+            self.judge_facts = facts.replace(gpus=tuple(
+                dataclasses.replace(g, memory_free_gib=min(max_memory[str(g.index)] / GIB, g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else float("inf")))
+                if str(g.index) in max_memory else g for g in facts.gpus))
         self.calibration: list[float] = []
 
     # ---- helpers
@@ -264,30 +301,48 @@ class Tuner:
     def budget_left(self) -> bool:
         return self.time_budget is None or self.elapsed() < self.time_budget
 
+    def gpu_indexes(self) -> list[int]:
+        return [g.index for g in self.facts.gpus] if self.device == "cuda" else []
+
+    def budget(self, index: int) -> int | None:
+        """Bytes GPU ``index`` may hold: the user's --max-memory, else its free memory."""
+        if self.max_memory and str(index) in self.max_memory:
+            return self.max_memory[str(index)]
+        g = self.facts.gpu(index)
+        if g is None:
+            return None
+        free = g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib
+        return int(free * GIB) if isinstance(free, (int, float)) else None
+
     def placement(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """{"": 0} when GPU 0 holds it (by the estimate), else device_map="auto" with max_memory."""
         if self.device == "cpu":
             return {"device_map": "cpu"}
         est = estimate(parse_config(cfg, workload=self.workload), self.model, self.facts)
-        gpu0 = self.facts.gpus[0]
-        budget = (self.max_memory or {}).get("0")
-        if budget is None:
-            free = gpu0.memory_free_gib if isinstance(gpu0.memory_free_gib, (int, float)) else gpu0.memory_total_gib
-            budget = int(free * GIB) if isinstance(free, (int, float)) else None
+        budget = self.budget(0)
         if est is UNKNOWN or budget is None or est.total <= budget:
             return {"device_map": {"": 0}}
-        return {"device_map": "auto", "max_memory": self._max_memory_all()}
+        gpus = self.gpu_indexes()
+        usable = sum(max((self.budget(i) or 0) - est.overhead - self.headroom, 0) for i in gpus)
+        return {"device_map": "auto", "max_memory": self.split_memory(est, gpus, offload=est.total - est.overhead > usable)}
 
-    def _max_memory_all(self) -> dict[str, str]:
-        if self.max_memory:
-            return {k: f"{v / GIB:.2f}GiB" for k, v in self.max_memory.items()}
+    def split_memory(self, est: Any, gpus: list[int], *, offload: bool = False) -> dict[str, str]:
+        """max_memory for a device_map split. accelerate places *weights* up to these numbers, so
+        each GPU keeps back the CUDA context, its share of the KV cache and activations, and the
+        user's headroom; the CPU is named only for offload (the last resort)."""
         out = {}
-        for g in self.facts.gpus:
-            free = g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib
-            out[str(g.index)] = f"{max(free - 1.0, 0.5):.2f}GiB"  # 1 GiB headroom for the CUDA context
-        host = self.facts.host if isinstance(self.facts.host, dict) else {}
-        if host.get("ram_available_gib"):
-            out["cpu"] = f"{host['ram_available_gib'] * 0.8:.1f}GiB"
+        share = (est.kv_cache + est.activations) / max(len(gpus), 1) if est is not UNKNOWN else 0
+        overhead = est.overhead if est is not UNKNOWN else 0
+        for i in gpus:
+            b = self.budget(i) or 0
+            out[str(i)] = f"{max(b - overhead - share - self.headroom, 0.25 * GIB) / GIB:.2f}GiB"
+        if offload:
+            host = self.facts.host if isinstance(self.facts.host, dict) else {}
+            ram = host.get("ram_available_gib") or host.get("ram_gib")
+            if self.max_memory and "cpu" in self.max_memory:
+                out["cpu"] = f"{self.max_memory['cpu'] / GIB:.2f}GiB"
+            elif ram:
+                out["cpu"] = f"{ram * 0.8:.1f}GiB"
         return out
 
     def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
@@ -295,14 +350,20 @@ class Tuner:
         base = _config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None)
         place = self.placement(base)
         base["from_pretrained"].update(place)
-        t = Trial(label=label_of(base), stage=stage, config=base, simplicity=_simplicity(attn, quant, cache, compile_, backend))
+        return self.trial(stage, base)
+
+    def trial(self, stage: str, cfg: dict[str, Any], label: str | None = None) -> Trial:
+        c = parse_config(cfg, workload=self.workload)
+        simple = _simplicity(c.attn_implementation or "sdpa", None if c.quantization == "none" else c.quantization,
+                             c.cache_implementation, c.compile, c.sdpa_backend) + _placement_cost(c)
+        t = Trial(label=label or label_of(cfg), stage=stage, config=cfg, simplicity=simple)
         self.judge(t)
         return t
 
     def judge(self, t: Trial) -> None:
         """Rules and the memory estimate, before anything is loaded."""
         cand = parse_config(t.config, workload=self.workload)
-        res = run_rules(self.facts, cand, self.model)
+        res = run_rules(self.judge_facts, cand, self.model)
         errors = [f for f in res.findings if f.severity == "error"]
         t.warnings = [f"{f.rule}: {f.message}" for f in res.findings if f.severity == "warning"]
         est = estimate(cand, self.model, self.facts, on_gpu=self.device == "cuda")
@@ -329,6 +390,9 @@ class Tuner:
             "config": t.config,
             "workload": dataclasses.asdict(self.workload),
             "reps": self.reps,
+            "min_reps": min(2, self.reps),
+            "rep_spread": 0.10,
+            "nproc": parse_config(t.config).tp_size or 1,
             "quality_steps": 4,
             "seed": 0,
             "memory_budget": self.max_memory,
@@ -371,16 +435,17 @@ class Tuner:
         waiting = sum(1 for t in self.trials if t.status == "planned" and not t.results)
         return done, done + max(waiting, 1)
 
-    def best(self, trials: Iterable[Trial]) -> Trial | None:
+    def best(self, trials: Iterable[Trial], margin: float = 0.0) -> Trial | None:
         """The best by the objective; for throughput, the simplest of those whose median lies
-        within the fastest one's 95 % interval (no quantization, fewer packages, no compile)."""
+        within the fastest one's 95 % interval (no quantization, fewer packages, no compile).
+        ``margin``: also count as a tie what is within this fraction of the fastest median."""
         ok = [t for t in trials if t.status == STATUS_OK and t.stage != "baseline"]
         if not ok:
             return None
         top = max(ok, key=self.score)
         if self.objective != "throughput":
             return top
-        lo = (top.ci("decode_tok_s") or (0, 0))[0]
+        lo = min((top.ci("decode_tok_s") or (0, 0))[0], (1 - margin) * (top.median("decode_tok_s") or 0))
         close = [t for t in ok if (t.median("decode_tok_s") or 0) >= lo]  # its median inside the top's interval
         return min(close, key=lambda t: (t.simplicity, -self.score(t)))
 
@@ -407,7 +472,17 @@ class Tuner:
         floor = self._check_quality()
         self._compile_breakeven()
         pick = self._choose()
-        capacity = self._capacity(pick) if pick else {}
+        capacity: dict[str, Any] = {}
+        if pick:
+            check, self.check_capacity = self.check_capacity, self.check_capacity and not interrupted
+            try:
+                capacity = self._capacity(pick)
+            except KeyboardInterrupt:
+                interrupted = True
+                self.notes.append("interrupted during the capacity check: capacity is from the memory model only")
+                self.check_capacity = False
+                capacity = self._capacity(pick)
+            self.check_capacity = check
         config = self._config_dict(pick) if pick else {}
         baseline = next((t for t in self.trials if t.stage == "baseline"), None)
         return TuneResult(
@@ -423,8 +498,10 @@ class Tuner:
         baseline = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline", config=base_cfg, simplicity=0)
         self.judge(baseline)
         # the reference for correctness: float32, eager (the most precise path that fits)
-        stage1 = [self.make("attention", first, a) for a in self._attentions()]
-        if self.device == "cuda" and self.workload.prompt_len >= 1024:
+        first = self.fixed.get("dtype", first)
+        attentions = [self.fixed["attention"]] if "attention" in self.fixed else self._attentions()
+        stage1 = [self.make("attention", first, a) for a in attentions]
+        if self.device == "cuda" and self.workload.prompt_len >= 1024 and self.fixed.get("attention", "sdpa") == "sdpa":
             stage1 += [self.make("attention", first, "sdpa", backend=b) for b in ("flash", "efficient", "cudnn")]
         self.add([baseline])
         for t in self.add(stage1):
@@ -435,16 +512,17 @@ class Tuner:
             baseline.reason = f"same configuration as '{twin.label}' on transformers {self.facts.package('transformers')}: measured once"
         else:
             self.measure(baseline)
-        best_attn = self.best(stage1)
+        best_attn = self.best(stage1, margin=STAGE_MARGIN)
         if best_attn is None:
             self.notes.append("no attention implementation ran at the preferred dtype; trying float32")
         attn = best_attn.config["from_pretrained"]["attn_implementation"] if best_attn else "sdpa"
         backend = best_attn.config["runtime"].get("sdpa_backend") if best_attn else None
 
-        stage2 = [self.make("dtype", d, attn, backend=backend) for d in ("bfloat16", "float16", "float32") if d != first]
+        dtypes = [] if "dtype" in self.fixed else ("bfloat16", "float16", "float32")
+        stage2 = [self.make("dtype", d, attn, backend=backend) for d in dtypes if d != first]
         for t in self.add(stage2):
             self.measure(t)
-        best_dtype = self.best(stage1 + stage2)
+        best_dtype = self.best(stage1 + stage2, margin=STAGE_MARGIN)
         dtype = best_dtype.config["from_pretrained"]["dtype"] if best_dtype else first
         if best_dtype:
             attn = best_dtype.config["from_pretrained"]["attn_implementation"]
@@ -452,7 +530,9 @@ class Tuner:
         # transformers compiles the static cache on CUDA only; on the CPU it runs uncompiled.
         # On CUDA the uncompiled static cache is dominated by the dynamic one (docs/MEASURED.md:
         # 39.4 vs 44.7 tok/s), so it is measured only when the compiled one fails.
-        if self.device == "cuda":
+        if self.fixed.get("cache") == "dynamic":
+            self.notes.append("static cache not measured: --cache dynamic")
+        elif self.device == "cuda":
             compiled = self.make("cache", dtype, attn, backend=backend, cache="static", compile_=True)
             for t in self.add([compiled]):
                 self.measure(t)
@@ -475,6 +555,8 @@ class Tuner:
         else:
             self.notes.append("quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
 
+        self._placements()
+
         # the finalists, head to head in fresh processes, interleaved
         ranked = sorted((t for t in self.trials if t.status == STATUS_OK and t.stage != "baseline"), key=self.score, reverse=True)
         finalists = ranked[:2]
@@ -486,6 +568,63 @@ class Tuner:
                 for _ in range(self.finalist_rounds):
                     for t in finalists:  # interleaved, in fresh processes
                         self.measure(t)
+
+    def _placements(self) -> None:
+        """On several GPUs: the best configuration so far, placed every way that can apply —
+        one GPU, device_map splits (auto; sequential when it differs), tensor parallel over
+        2, 4, ... GPUs (torchrun), CPU offload only when nothing else holds the model."""
+        gpus = self.gpu_indexes()
+        if len(gpus) < 2:
+            return
+        top = self.best([t for t in self.trials if t.stage not in ("baseline", "placement")])
+        if top is None:
+            self.notes.append("placements not measured: no configuration ran")
+            return
+        fp = {k: v for k, v in top.config["from_pretrained"].items() if k not in ("device_map", "max_memory")}
+        gen, rt = dict(top.config["generate"]), dict(top.config["runtime"])
+        est = estimate(parse_config({"from_pretrained": fp, "generate": gen}, workload=self.workload), self.model, self.facts)
+        over = est.overhead if est is not UNKNOWN else 0
+        usable = sum(max((self.budget(i) or 0) - over - self.headroom, 0) for i in gpus)
+        need = est.total - over if est is not UNKNOWN else 0
+        fits_one = est is not UNKNOWN and self.budget(0) is not None and est.total <= (self.budget(0) or 0)
+        fits_gpus = est is UNKNOWN or need <= usable
+
+        def cfg(extra: dict[str, Any], launch: str | None = None, generate: dict[str, Any] | None = None) -> dict[str, Any]:
+            return {"from_pretrained": {**fp, **extra}, "generate": dict(gen if generate is None else generate),
+                    "runtime": {**rt, "launch": launch} if launch else dict(rt)}
+
+        split = self.split_memory(est, gpus)
+        plans: list[Trial] = [self.trial("placement", cfg({"device_map": {"": 0}}))]
+        plans.append(self.trial("placement", cfg({"device_map": "auto", "max_memory": split})))
+        balanced = self.trial("placement", cfg({"device_map": "balanced", "max_memory": split}))
+        balanced.status, balanced.reason = "not measured", ("same placement as device_map=\"auto\": transformers hands every strategy but "
+                                                            "\"sequential\" to accelerate's get_balanced_memory (integrations/accelerate.py, 5.17)")
+        plans.append(balanced)
+        seq = self.trial("placement", cfg({"device_map": "sequential", "max_memory": split}))
+        if fits_one and seq.status != "dropped":
+            seq.status, seq.reason = "not measured", "same placement as one GPU: sequential fills GPU 0 first and the model fits there"
+        plans.append(seq)
+        heads, kv = self.model.num_heads, self.model.num_kv_heads
+        k = 2
+        while k <= len(gpus):
+            tp = self.trial("placement", cfg({"distributed_config": {"tp_plan": "auto", "tp_size": k}}, launch=launch_command(k)))
+            plans.append(tp)
+            k *= 2
+        if not fits_gpus:
+            plans.append(self.trial("placement", cfg({"device_map": "auto", "max_memory": self.split_memory(est, gpus, offload=True)})))
+        else:
+            self.notes.append("CPU offload not measured: the model fits on the GPUs (offload is the last resort)")
+        if heads is UNKNOWN or kv is UNKNOWN:
+            self.notes.append("tensor parallel: head counts unknown, the rules could not check that they divide")
+        for t in self.add(plans):
+            if t.status == "planned":
+                self.measure(t)
+            # transformers' compiled static cache may not run on a split or sharded model: measure
+            # the same placement with the dynamic cache rather than lose the placement
+            if t.status not in (STATUS_OK, "dropped", "not measured") and gen.get("cache_implementation") and "out of memory" not in t.reason:
+                plain = self.trial("placement", cfg(t.config["from_pretrained"] | {}, launch=t.config["runtime"].get("launch"), generate={}))
+                for p in self.add([plain]):
+                    self.measure(p)
 
     def _compile_breakeven(self) -> None:
         """For each compiled candidate: after how many generated tokens its compile time pays off."""
@@ -578,13 +717,21 @@ class Tuner:
         return pick
 
     def _capacity(self, pick: Trial) -> dict[str, Any]:
-        """Largest batch and context that fit, from the memory model (calibrated on the measured peaks)."""
+        """Largest batch and prompt that fit, from the memory model calibrated on the measured
+        peaks, then checked once: the pick generates at both shapes in one fresh process."""
         cand = parse_config(pick.config, workload=self.workload)
         factor = statistics.median(self.calibration) if self.calibration else 1.0
         if self.device == "cuda":
-            g = self.facts.gpus[0]
-            free = (self.max_memory or {}).get("0") or int((g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib) * GIB)
+            from .engine import gpus_used
+
+            used = gpus_used(cand, self.facts)
+            used = used if isinstance(used, list) and used else [0]
+            budgets = [self.budget(i) for i in used]
+            if any(b is None for b in budgets):
+                return {}
+            free = sum(budgets)  # type: ignore[arg-type]
         else:
+            used = []
             host = self.facts.host if isinstance(self.facts.host, dict) else {}
             free = int(host.get("ram_available_gib", host.get("ram_gib", 0)) * GIB)
         if not free:
@@ -593,7 +740,7 @@ class Tuner:
         def fits(batch: int, prompt: int) -> bool:
             w = Workload(batch_size=batch, prompt_len=prompt, new_tokens=self.workload.new_tokens, padding=self.workload.padding)
             est = estimate(dataclasses.replace(cand, workload=w), self.model, self.facts, on_gpu=self.device == "cuda")
-            return est is not UNKNOWN and (est.total - est.overhead) * factor + est.overhead <= free
+            return est is not UNKNOWN and (est.total - est.overhead) * factor + est.overhead * max(len(used), 1) <= free
 
         def largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
             if not ok(lo):
@@ -604,7 +751,7 @@ class Tuner:
             return lo
 
         max_ctx = self.model.max_positions if isinstance(self.model.max_positions, int) else 131072
-        return {
+        out = {
             "max_batch_size": largest(1, 4096, lambda b: fits(b, self.workload.prompt_len)),
             "max_prompt_len": largest(1, max(1, max_ctx - self.workload.new_tokens), lambda p: fits(self.workload.batch_size, p)),
             "model_max_positions": self.model.max_positions if isinstance(self.model.max_positions, int) else None,
@@ -612,6 +759,48 @@ class Tuner:
             "budget_gib": round(free / GIB, 2),
             "checked": False,
         }
+        if self.check_capacity and self.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
+            out.update(self._check_capacity(pick, out))
+        return out
+
+    def _check_capacity(self, pick: Trial, cap: dict[str, Any]) -> dict[str, Any]:
+        """One run of the pick at the largest batch and at the longest prompt; a shape that
+        does not fit is retried once at 90 %, and the figure reported is what ran."""
+        shapes = {"max_batch_size": {"batch_size": cap["max_batch_size"], "prompt_len": self.workload.prompt_len},
+                  "max_prompt_len": {"batch_size": self.workload.batch_size, "prompt_len": cap["max_prompt_len"]}}
+        out: dict[str, Any] = {}
+        ran: dict[str, bool] = {}
+        for attempt in range(2):
+            if not shapes or not self.budget_left():
+                break
+            spec = {**self.spec(pick), "capacity": list(shapes.values()), "fault": None, "label": pick.label + " (capacity check)"}
+            key = self.cache.trial_key(pick, -1 - attempt) + json.dumps(spec["capacity"]) if self.cache else None
+            r = self.cache.get(key) if key else None
+            if r is None:
+                self.progress(spec["label"], *self._counts())
+                r = self.runner.run(spec)
+                if key:
+                    self.cache.put(key, r)
+            checks = r.get("capacity_checks") or []
+            out.setdefault("checks", []).extend(checks or [{"error": r.get("error", r.get("status"))}])
+            if r.get("status") != STATUS_OK or len(checks) != len(shapes):
+                out["checked"] = "failed: " + str(r.get("error", r.get("status")))[:200]
+                return out
+            again = {}
+            for (key, shape), check in zip(shapes.items(), checks):
+                ran[key] = bool(check.get("fits"))
+                if check.get("fits"):
+                    out[key] = shape["batch_size"] if key == "max_batch_size" else shape["prompt_len"]
+                elif attempt == 0:
+                    smaller = dict(shape)
+                    dim = "batch_size" if key == "max_batch_size" else "prompt_len"
+                    smaller[dim] = max(1, int(shape[dim] * 0.9))
+                    again[key] = smaller
+                else:
+                    out[key] = None
+            shapes = again
+        out["checked"] = bool(ran) and all(ran.values())
+        return out
 
     def _config_dict(self, pick: Trial) -> dict[str, Any]:
         return finish_config(pick.config, self.facts, self.workload, self.objective, measured=True)
@@ -739,10 +928,8 @@ def predict(model_path: str | Path, facts: Facts, workload: Workload, objective:
                 cfg["autotune"] = {**cfg.get("autotune", {}), "measured": False, "reasons": [f"measured earlier on a {gpu} with the same stack (cache {f.name})"]}
                 return TuneResult(config=cfg, trials=[], pick=None, baseline=None, facts=facts, model=model, workload=workload,
                                   objective=objective, wall_s=0.0, measured=False, notes=cfg["autotune"]["reasons"])
-    device, half = preferred(facts)
-    tuner_like = Tuner.__new__(Tuner)
-    tuner_like.facts, tuner_like.model, tuner_like.workload, tuner_like.max_memory, tuner_like.device, tuner_like.half = facts, model, workload, None, device, half
-    tuner_like.trials, tuner_like.notes = [], []
+    tuner_like = Tuner(model_path, facts=facts, workload=workload, objective=objective)  # judges only: no runner, nothing is run
+    device, half = tuner_like.device, tuner_like.half
     options: list[tuple[str, str, dict[str, Any]]] = []
     if device == "cuda":
         for attn in ("flash_attention_3", "flash_attention_2", "sdpa", "eager"):
@@ -768,12 +955,35 @@ def predict(model_path: str | Path, facts: Facts, workload: Workload, objective:
             reasons.append("cache: static, compiled by transformers (5.7x / 3.2x the dynamic cache at batch 1 on an H100, docs/MEASURED.md)")
     dm = cfg["from_pretrained"].get("device_map")
     if dm == "auto":
-        reasons.append("placement: device_map=auto, the model does not fit one GPU by the memory estimate")
+        tp = _predict_tp(tuner_like, cfg)
+        if tp is not None:
+            cfg = tp.config
+            reasons.append(f"placement: tensor parallel over {parse_config(cfg).tp_size} NVLink-connected GPUs (the model does not fit one GPU; "
+                           "every GPU works on every token, where a device_map split leaves all but one idle)")
+        else:
+            reasons.append("placement: device_map=auto, the model does not fit one GPU by the memory estimate "
+                           "(tensor parallel not predicted: it needs NVLink between the GPUs in the facts and head counts that divide)")
     if chosen.estimate_gib is not None:
         reasons.append(f"memory estimate: {chosen.estimate_gib} GiB")
     config = finish_config(cfg, facts, workload, objective, measured=False, reasons=reasons)
     return TuneResult(config=config, trials=[chosen], pick=chosen, baseline=None, facts=facts, model=model, workload=workload,
                       objective=objective, wall_s=0.0, measured=False, notes=reasons)
+
+
+def _predict_tp(judge: Tuner, cfg: dict[str, Any]) -> Trial | None:
+    """The smallest tensor-parallel group that the rules allow, whose GPUs all have NVLink."""
+    from .engine import Context
+
+    fp = {k: v for k, v in cfg["from_pretrained"].items() if k not in ("device_map", "max_memory")}
+    k = 2
+    while k <= len(judge.gpu_indexes()):
+        t = judge.trial("predict", {"from_pretrained": {**fp, "distributed_config": {"tp_plan": "auto", "tp_size": k}},
+                                    "generate": dict(cfg["generate"]), "runtime": {**cfg["runtime"], "launch": launch_command(k)}})
+        ctx = Context(judge.facts, judge.model, parse_config(t.config, workload=judge.workload))
+        if t.status != "dropped" and ctx.derived().get("tp_nvlink") is True and ctx.mem().get("fits") is True:
+            return t
+        k *= 2
+    return None
 
 
 # ---------------------------------------------------------------------------- the public call
@@ -836,12 +1046,19 @@ def tune(
     faults: dict[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     report: bool = False,
+    headroom_gib: float = 1.0,
+    dtype: str | None = None,
+    attention: str | None = None,
+    cache: str | None = None,
+    check_capacity: bool = True,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
     Returns the config dict; with ``report=True`` the :class:`TuneResult` with every
     candidate's measurements. With ``facts`` describing another machine (a target profile or
     a facts file), nothing can be measured: the result is a prediction, ``measured: false``.
+    ``dtype`` / ``attention`` / ``cache`` pin an axis instead of searching it; ``headroom_gib``
+    is kept free on each GPU when a device_map split is derived.
     """
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
         if not isinstance(v, int) or v < 1:
@@ -856,23 +1073,38 @@ def tune(
     if facts is not None and facts.source != "probe":
         result = predict(path, facts, workload, objective)
         return result if report else result.config
+    fixed = {k: v for k, v in (("dtype", dtype), ("attention", attention), ("cache", cache)) if v is not None}
+    if dtype is not None:
+        from .config import parse_dtype
+
+        fixed["dtype"] = parse_dtype(dtype, "dtype")
     from .machine import probe
 
-    here = facts or probe()
     spec = read_model(path)
-    cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}") if use_cache else None
+    t0 = time.perf_counter()
     own_runner = runner is None
     if own_runner:
+        # started first: the server imports torch and transformers while this process probes
         from .runner import ForkRunner
 
-        timeout = candidate_timeout or (900.0 if here.gpus not in (UNKNOWN, ()) and here.gpus else 300.0)
-        runner = ForkRunner(timeout_s=timeout, preload_model_type=spec.model_type if isinstance(spec.model_type, str) else None,
-                            workdir=(cache.root / cache.key) if cache else None)
+        runner = ForkRunner(timeout_s=candidate_timeout or 900.0, preload_model_type=spec.model_type if isinstance(spec.model_type, str) else None)
+        runner.start()
     try:
+        here = facts or probe()
+        if own_runner and not candidate_timeout and not (here.gpus not in (UNKNOWN, ()) and here.gpus):
+            runner.timeout_s = 300.0
+        cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}") if use_cache else None
+        if own_runner and cache is not None:
+            runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
         tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
                       max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
-                      progress=progress, candidate_timeout=candidate_timeout)
+                      progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
+                      check_capacity=check_capacity)
+        tuner.start = t0
         result = tuner.run()
+        start_s = getattr(runner, "server_start_s", None)
+        if isinstance(start_s, (int, float)):
+            result.notes.append(f"fork server ready after {start_s:.1f} s (imports of torch and transformers, overlapped with probing and the first candidate)")
     finally:
         if own_runner:
             runner.close()

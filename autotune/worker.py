@@ -6,9 +6,16 @@ learns goes into ``out_dir/result.json`` (and ``logits.pt``); an exception becom
 ``status: "error"`` result, a crash or hang is caught by the parent.
 
 The spec is plain data (JSON-able):
-``{"model", "label", "config" (a config dict), "workload": {...}, "reps", "quality_steps",
-"seed", "memory_budget": {"0": bytes} | None, "fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
-``fault`` exists for tests: it injects the failure a real candidate can have.
+``{"model", "label", "config" (a config dict), "workload": {...}, "reps", "min_reps",
+"quality_steps", "seed", "memory_budget": {"0": bytes} | None, "wait_for": path | None,
+"capacity": [{"batch_size", "prompt_len"}, ...] | None,
+"fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
+``fault`` exists for tests: it injects the failure a real candidate can have. ``capacity``
+turns the run into a memory check: one generate per listed shape, no timing.
+
+Run as a script (``python -m autotune.worker SPEC.json OUT_DIR``) it serves a fresh
+interpreter, and under ``torchrun`` each tensor-parallel rank: rank 0 writes
+``result.json`` and the logits, rank r ``result.rank{r}.json`` with its own GPU's peak.
 """
 
 from __future__ import annotations
@@ -115,8 +122,66 @@ def gpu_state() -> list[dict[str, Any]] | None:
         return [{"error": f"{type(e).__name__}: {e}"[:200]}]
 
 
+def _rank() -> tuple[int, int, int]:
+    """(rank, local rank, world size) under torchrun; (0, 0, 1) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def _peaks(torch: Any, cuda: bool) -> dict[str, Any]:
+    """Peak allocated / reserved memory per GPU this process used (a TP rank: its own GPU)."""
+    if not cuda:
+        return {}
+    _, local_rank, world = _rank()
+    devices = [local_rank] if world > 1 else [i for i in range(torch.cuda.device_count()) if torch.cuda.max_memory_reserved(i) > 0]
+    return {
+        "gpu_peak_gib": {str(i): round(torch.cuda.max_memory_allocated(i) / 1024**3, 3) for i in devices},
+        "gpu_reserved_gib": {str(i): round(torch.cuda.max_memory_reserved(i) / 1024**3, 3) for i in devices},
+    }
+
+
+def _wait_for(path: str | None, limit_s: float = 300.0) -> None:
+    """Hold the timed runs until ``path`` exists (a process started beside this one is busy
+    until then: the fork server importing while a first candidate runs in a fresh interpreter)."""
+    if not path:
+        return
+    end = time.monotonic() + limit_s
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w: dict[str, Any], spec: dict[str, Any], device: Any) -> dict[str, Any]:
+    """One full-length generate per shape in ``spec["capacity"]``: does it fit, and its peak.
+    A compiled static cache runs uncompiled here: the cache is allocated up front either way,
+    and a compile per shape would cost more than the check."""
+    cuda = torch.cuda.is_available()
+    checks = []
+    for shape in spec["capacity"]:
+        wl = {**w, **shape}
+        ids, mask = make_inputs(torch, vocab, wl, spec.get("seed", 0), device)
+        kw = {**base, "attention_mask": mask}
+        if kw.get("cache_implementation") in ("static", "offloaded_static"):
+            kw["disable_compile"] = True
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        entry: dict[str, Any] = dict(shape)
+        try:
+            with torch.inference_mode():
+                seq = model.generate(ids, **kw)
+            entry["fits"] = seq.shape[1] - ids.shape[1] == wl["new_tokens"]
+        except torch.OutOfMemoryError as e:
+            entry["fits"], entry["error"] = False, str(e).splitlines()[0][:200]
+        finally:
+            ids = mask = seq = None  # noqa: F841 - free before the next shape
+        entry.update(_peaks(torch, cuda))
+        checks.append(entry)
+    return {"capacity_checks": checks}
+
+
 def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
     out = Path(out_dir)
+    rank, _, world = _rank()
     result: dict[str, Any] = {"label": spec["label"], "status": "error"}
     try:
         result.update(_measure(spec, out))
@@ -128,9 +193,10 @@ def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
         result["oom"] = "out of memory" in low or type(e).__name__ == "OutOfMemoryError"
     finally:
         result["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
-    tmp = out / "result.json.tmp"
+    name = "result.json" if rank == 0 else f"result.rank{rank}.json"
+    tmp = out / (name + ".tmp")
     tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, out / "result.json")
+    os.replace(tmp, out / name)
     return result
 
 
@@ -148,17 +214,19 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
     cfg, w = spec["config"], spec["workload"]
     cuda = torch.cuda.is_available()
+    rank, local_rank, world = _rank()
     budget = spec.get("memory_budget") or {}
     if cuda:
         for dev, limit in budget.items():
-            if dev.isdigit() and int(dev) < torch.cuda.device_count():
+            # each process enforces the budget of the GPUs it may touch (a TP rank: its own)
+            if dev.isdigit() and int(dev) < torch.cuda.device_count() and (world == 1 or int(dev) == local_rank):
                 total = torch.cuda.get_device_properties(int(dev)).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), int(dev))
     torch.manual_seed(spec.get("seed", 0))
     apply_runtime(cfg)
     kwargs = from_pretrained_kwargs(cfg)
     fp = cfg["from_pretrained"]
-    if not cuda and "device_map" not in fp:
+    if not cuda and "device_map" not in fp and "distributed_config" not in fp:
         kwargs["device_map"] = "cpu"
 
     t0 = time.perf_counter()
@@ -184,6 +252,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         _sync(torch)
         return seq, clock.times, start
 
+    if spec.get("capacity"):
+        return _capacity_check(torch, model, vocab, base, w, spec, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # Warm-up on exactly the measured shapes and length. (A shorter warm-up was tried: with a
@@ -197,13 +267,22 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     first_s = time.perf_counter() - t1
     if compiled:
         generate()
+    _wait_for(spec.get("wait_for"))
     graphs_before = _dynamo_graphs(torch)
 
-    runs = []
+    # Timed runs: at least ``min_reps``; up to ``reps`` while they disagree by more than
+    # ``rep_spread`` of their median (the finalists are re-measured in fresh processes anyway).
+    runs: list[dict[str, Any]] = []
+    max_reps = spec.get("reps", 3)
+    min_reps = min(spec.get("min_reps", max_reps), max_reps)
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(spec.get("reps", 3)):
+        while len(runs) < max_reps:
+            if len(runs) >= min_reps:
+                speeds = [r["decode_tok_s"] for r in runs]
+                if (max(speeds) - min(speeds)) <= spec.get("rep_spread", 0.10) * statistics.median(speeds):
+                    break
             seq, times, start = generate()
             produced = seq.shape[1] - ids.shape[1]
             if produced != n_new:
@@ -233,10 +312,9 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         res["itl_p50_s"] = itl[len(itl) // 2]
         res["itl_p99_s"] = itl[min(len(itl) - 1, int(len(itl) * 0.99))]
     res["compile_s"] = max(0.0, first_s - res["total_s"]) if compiled else 0.0
-    if cuda:
-        res["gpu_peak_gib"] = {str(i): round(torch.cuda.max_memory_allocated(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
-        res["gpu_reserved_gib"] = {str(i): round(torch.cuda.max_memory_reserved(i) / 1024**3, 3) for i in range(torch.cuda.device_count())}
-    res["gpu_state"] = gpu_state() if cuda else None
+    res.update(_peaks(torch, cuda))
+    res["gpu_state"] = gpu_state() if cuda and rank == 0 else None
+    res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
@@ -256,7 +334,25 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     logits = torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
     if spec.get("fault") == "corrupt":
         logits = torch.randn_like(logits) * 10
-    torch.save(logits.half() if logits.abs().max() < 6e4 else logits, out / "logits.pt")
+    if rank == 0:  # tensor-parallel ranks compute the same (replicated) logits
+        torch.save(logits.half() if logits.abs().max() < 6e4 else logits, out / "logits.pt")
     # -inf is legitimate (min_new_tokens masks EOS); NaN or +inf is not
     res["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
     return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m autotune.worker SPEC.json OUT_DIR``: one candidate in this process."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    result = run_candidate(spec, args[1])
+    _, _, world = _rank()
+    # under torchrun a failed rank must exit non-zero, so the launcher stops the others
+    # instead of leaving them waiting in a collective until the timeout
+    return 1 if world > 1 and result.get("status") != "ok" else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

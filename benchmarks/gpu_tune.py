@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase a --out DIR   # 1.1 B, batch 1: tune + exhaustive oracle
     PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase b --out DIR   # 1.1 B batch 1 again (wall time), batch 8 tune, the pick re-run 3x
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase c --out DIR   # memory objective with bitsandbytes (wheel)
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase d --out DIR   # 1.1 B batch 1 (wall time, capacity check), memory objective on the dynamic cache
 
 The model is a random Llama of the 1.1 B shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 KV heads, vocab 32000) saved in bf16, built locally on first use.
@@ -54,7 +55,12 @@ def cli(out: Path, name: str, *args: str) -> dict:
     print(f"{name}: {wall:.1f} s wall, pick: {report.get('pick')}", flush=True)
     for t in report.get("trials", []):
         s = t.get("summary") or {}
-        print(f"  {t['label'][:50]:50} {t['status']:12} {s.get('decode_tok_s')} tok/s ttft {s.get('ttft_ms')} ms peak {s.get('gpu_peak_gib')} est {t.get('estimate_gib')} {t['reason'][:90]}", flush=True)
+        walls = [m.get("wall_s") for m in t.get("measurements", [])]
+        print(f"  {t['label'][:50]:50} {t['status']:12} {s.get('decode_tok_s')} tok/s ttft {s.get('ttft_ms')} ms peak {s.get('gpu_peak_gib')} "
+              f"est {t.get('estimate_gib')} runs {s.get('runs')} wall {walls} {t['reason'][:90]}", flush=True)
+    print("  capacity", json.dumps(report.get("capacity")), flush=True)
+    for n in report.get("notes", []):
+        print("  note:", n[:200], flush=True)
     return report
 
 
@@ -104,7 +110,7 @@ def reruns(out: Path, model: Path, report: dict, n: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["a", "b", "c"], required=True)
+    ap.add_argument("--phase", choices=["a", "b", "c", "d"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="/tmp/llama-1.1b")
     args = ap.parse_args()
@@ -123,6 +129,10 @@ def main() -> None:
         rep = cli(out, "tune-b8", str(model), "--batch-size", "8", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         if rep.get("pick"):
             reruns(out, model, rep)
+    elif args.phase == "d":
+        cli(out, "tune-b1", str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
+        cli(out, "tune-b1-memory", str(model), "--objective", "memory", "--quantization", "always", "--cache", "dynamic",
+            "--prompt-len", "512", "--new-tokens", "128", "--no-cache", "--timeout", "240")
     else:
         cli(out, "tune-b1-memory", str(model), "--objective", "memory", "--quantization", "always", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
 

@@ -97,9 +97,11 @@ class CountingRunner:
 
         self.inner = ForkRunner(timeout_s=120)
         self.calls = 0
+        self.capacity_checks = 0
 
     def run(self, spec):
         self.calls += 1
+        self.capacity_checks += bool(spec.get("capacity"))
         return self.inner.run(spec)
 
     def close(self):
@@ -151,7 +153,8 @@ def test_ctrl_c_keeps_results_and_a_rerun_resumes(tmp_path):
     r2 = tune(model, report=True, runner=resume, **SMALL)
     assert r2.pick is not None
     done = sum(len(t.results) for t in r2.trials if t.stage != "baseline" or not t.reason)
-    assert resume.calls == done - 2, "the two measurements made before Ctrl-C were reused"
+    assert resume.calls - resume.capacity_checks == done - 2, "the two measurements made before Ctrl-C were reused"
+    assert resume.capacity_checks == 1 and r2.capacity["checked"] is True
     stopped.close()
     resume.close()
 
