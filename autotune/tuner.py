@@ -37,7 +37,7 @@ from .errors import UserError
 from .facts import UNKNOWN, Facts
 from .memory import GIB, estimate
 from .model import ModelSpec, read_model
-from .quality import compare, verdict
+from .quality import HALF_REFERENCE_FLOOR, compare, verdict
 
 OBJECTIVES = ("throughput", "latency", "memory")
 # A stage carries forward the simplest option within this fraction of the stage's fastest:
@@ -692,6 +692,11 @@ class Tuner:
         kls = [compare(ref_logits, lg)["kl"] for lg in (_logits(t) for t in halves) if lg is not None]
         kls = [k for k in kls if k != float("inf")]
         floor = min(kls) if kls else 0.0  # the best-agreeing known-good half precision
+        ref_dtype = ref.metric("dtype") or ref.config["from_pretrained"].get("dtype")
+        if ref_dtype in ("bfloat16", "float16"):
+            floor = max(floor, HALF_REFERENCE_FLOOR)
+            self.notes.append(f"quality: the reference ({ref.label}) is {ref_dtype}, so no noise floor could be measured against float32; "
+                              f"the floor measured between bf16 and fp32 on an H100 ({HALF_REFERENCE_FLOOR:g}) is used")
         for t in ok:
             lg = _logits(t)
             if lg is None:

@@ -67,7 +67,8 @@ def remeasure(out: Path, name: str, model: Path, report: dict, *, budget: str | 
                              "gpu_peak_gib": r.get("gpu_peak_gib"), "error": r.get("error"), "oom": r.get("oom")})
                 print(f"rerun {i + 1}: {rows[-1]}", flush=True)
         for t in report["trials"]:
-            if t["status"] != "ok" or t["stage"] not in ("placement", "cache", "attention"):
+            ran = any(r.get("status") == "ok" for r in t.get("measurements", []))
+            if not ran or t["stage"] not in ("placement", "cache", "attention"):
                 continue
             r = runner.run({**base, "label": t["label"], "config": t["config"], "reps": 9, "min_reps": 9,
                             "nproc": parse_config(t["config"]).tp_size or 1})
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--skip-free", action="store_true")
     ap.add_argument("--time-budget", type=float, default=250.0, help="per tune (a user's --time-budget)")
     ap.add_argument("--remeasure", action="store_true", help="re-run the picks 3x and the placements 3x longer")
+    ap.add_argument("--remeasure-only", metavar="REPORT", help="no tune: re-measure from a stored report (budget: --budget, or none with --free)")
+    ap.add_argument("--free", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build(args.shape, Path(f"/tmp/llama-{args.shape}"))
     print(f"model {args.shape} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.remeasure_only:
+        rep = json.loads(Path(args.remeasure_only).read_text())
+        remeasure(out, Path(args.remeasure_only).stem, model, rep, budget=None if args.free else args.budget)
+        return
     common = ["--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache", "--dtype", "bfloat16", "--attention", "sdpa",
               "--timeout", "240", "--time-budget", str(args.time_budget)]
     cache = ["--cache", "dynamic"] if args.shape == "7b" else []
