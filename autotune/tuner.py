@@ -35,7 +35,7 @@ from .config import Workload, launch_command, parse_config, parse_max_memory
 from .engine import run as run_rules
 from .errors import UserError
 from .facts import UNKNOWN, Facts
-from .memory import GIB, estimate
+from .memory import CUDA_CONTEXT, GIB, estimate
 from .model import ModelSpec, read_model
 from .quality import HALF_REFERENCE_FLOOR, compare, verdict
 
@@ -421,8 +421,9 @@ class Tuner:
         if st == STATUS_OK:
             t.status = STATUS_OK
             peak = sum((result.get("gpu_peak_gib") or {}).values())
-            if peak and t.estimate_gib:
-                self.calibration.append(peak / max(t.estimate_gib - 0.5, 1e-6))
+            # calibrate on runs whose estimate is not mostly the fixed CUDA-context allowance
+            if peak and t.estimate_gib and t.estimate_gib - CUDA_CONTEXT / GIB >= 0.25:
+                self.calibration.append(peak / (t.estimate_gib - CUDA_CONTEXT / GIB))
         elif t.status != STATUS_OK:
             t.status = st or "error"
             t.reason = result.get("error", "")
@@ -622,7 +623,7 @@ class Tuner:
             # transformers' compiled static cache may not run on a split or sharded model: measure
             # the same placement with the dynamic cache rather than lose the placement
             if t.status not in (STATUS_OK, "dropped", "not measured") and gen.get("cache_implementation") and "out of memory" not in t.reason:
-                plain = self.trial("placement", cfg(t.config["from_pretrained"] | {}, launch=t.config["runtime"].get("launch"), generate={}))
+                plain = self.trial("placement", cfg(t.config["from_pretrained"], launch=t.config["runtime"].get("launch"), generate={}))
                 for p in self.add([plain]):
                     self.measure(p)
 
@@ -764,7 +765,10 @@ class Tuner:
             "budget_gib": round(free / GIB, 2),
             "checked": False,
         }
-        if self.check_capacity and self.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
+        if self.device != "cuda":
+            # the largest batch is compute-bound on a CPU: a run there takes minutes to hours
+            out["checked"] = "not on the CPU: a run at the largest batch would take far longer than the tune"
+        elif self.check_capacity and self.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
             out.update(self._check_capacity(pick, out))
         return out
 

@@ -15,36 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_tune import cli  # noqa: E402
+from benchmarks.gpu_tune import LLAMA_1_1B, cli, prepare  # noqa: E402
 
 SHAPES = {
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "1.1b": LLAMA_1_1B,
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
 }
-
-
-def build(shape: str, path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
 
 
 def remeasure(out: Path, name: str, model: Path, report: dict, *, budget: str | None) -> None:
@@ -99,12 +81,7 @@ def main() -> None:
     ap.add_argument("--remeasure-only", metavar="REPORT", help="no tune: re-measure from a stored report (budget: --budget, or none with --free)")
     ap.add_argument("--free", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
-    t0 = time.perf_counter()
-    model = build(args.shape, Path(f"/tmp/llama-{args.shape}"))
-    print(f"model {args.shape} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    out, model = prepare(args.out, Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
     if args.remeasure_only:
         rep = json.loads(Path(args.remeasure_only).read_text())
         remeasure(out, Path(args.remeasure_only).stem, model, rep, budget=None if args.free else args.budget)

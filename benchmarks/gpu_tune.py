@@ -12,7 +12,6 @@ The model is a random Llama of the 1.1 B shape (hidden 2048, intermediate 5632, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -24,14 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build(path: Path) -> Path:
+LLAMA_1_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+
+
+def build(path: Path, shape: dict | None = None) -> Path:
+    """A random Llama of ``shape`` (default: the 1.1 B one), initialised on the GPU, saved in bf16."""
     if (path / "config.json").is_file():
         return path
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                      vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **(shape or LLAMA_1_1B))
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -39,6 +41,17 @@ def build(path: Path) -> Path:
     del model
     torch.cuda.empty_cache()
     return path
+
+
+def prepare(out_dir: str, model: Path, shape: dict | None = None) -> tuple[Path, Path]:
+    """The output folder, the result cache out of the way, and the model (built if missing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
+    t0 = time.perf_counter()
+    path = build(model, shape)
+    print(f"model {model.name} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out, path
 
 
 def cli(out: Path, name: str, *args: str) -> dict:
@@ -114,12 +127,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="/tmp/llama-1.1b")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
-    t0 = time.perf_counter()
-    model = build(Path(args.model))
-    print(f"model ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    out, model = prepare(args.out, Path(args.model))
     if args.phase == "a":
         rep = cli(out, "tune-b1", str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         if rep.get("trials"):

@@ -42,7 +42,8 @@ class FakeRunner:
         if tok_s is None:
             return {"label": spec["label"], "status": "error", "error": "RuntimeError: injected"}
         if spec.get("capacity"):
-            return {"label": spec["label"], "status": "ok", "capacity_checks": [{**s, "fits": True} for s in spec["capacity"]]}
+            limit = getattr(self, "max_batch", 10**9)
+            return {"label": spec["label"], "status": "ok", "capacity_checks": [{**s, "fits": s["batch_size"] <= limit} for s in spec["capacity"]]}
         runs = [{"decode_tok_s": tok_s * f, "ttft_s": 0.02, "total_s": 8 / tok_s} for f in (0.99, 1.0, 1.01)]
         nproc = spec.get("nproc", 1)
         peaks = {str(i): 1.0 for i in range(nproc)}
@@ -284,3 +285,24 @@ def test_failing_rank_ends_the_launch_without_waiting_for_the_timeout(llama, tmp
         runner.close()
     assert r["status"] == "error" and "tp_size" in r["error"]
     assert r["wall_s"] < 200
+
+
+@pytest.mark.parametrize("limit_factor, checked", [(1.0, True), (0.95, True), (0.5, False)])
+def test_capacity_is_checked_once_by_a_run(llama, limit_factor, checked):
+    """The estimate's largest batch is run; if it does not fit, 90 % of it is; what is reported is what ran."""
+    plain = Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=FakeRunner(), check_capacity=False).run()
+    estimated = plain.capacity["max_batch_size"]
+    assert plain.capacity["checked"] is False and estimated > 1
+    runner = FakeRunner()
+    runner.max_batch = int(estimated * limit_factor)
+    r = Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner).run()
+    checks = [s for s in runner.specs if s.get("capacity")]
+    assert checks[0]["capacity"][0] == {"batch_size": estimated, "prompt_len": WORKLOAD.prompt_len}
+    assert r.capacity["checked"] is checked
+    if limit_factor == 1.0:
+        assert len(checks) == 1 and r.capacity["max_batch_size"] == estimated
+    elif checked:
+        assert len(checks) == 2 and r.capacity["max_batch_size"] == int(estimated * 0.9)
+    else:
+        assert len(checks) == 2 and r.capacity["max_batch_size"] is None
+    assert r.capacity["max_prompt_len"] == plain.capacity["max_prompt_len"], "the prompt check passed the first time"

@@ -154,7 +154,7 @@ def test_ctrl_c_keeps_results_and_a_rerun_resumes(tmp_path):
     assert r2.pick is not None
     done = sum(len(t.results) for t in r2.trials if t.stage != "baseline" or not t.reason)
     assert resume.calls - resume.capacity_checks == done - 2, "the two measurements made before Ctrl-C were reused"
-    assert resume.capacity_checks == 1 and r2.capacity["checked"] is True
+    assert resume.capacity_checks == 0 and r2.capacity["checked"].startswith("not on the CPU")
     stopped.close()
     resume.close()
 
@@ -218,3 +218,18 @@ def test_quality_verdicts():
     nan[0, 0, 5] = float("nan")
     ok, why = verdict(compare(ref, nan), floor=1e-6, quantized=False)
     assert not ok and "NaN" in why
+
+
+def test_capacity_mode_runs_each_shape_in_the_worker(tiny_llama, tmp_path):
+    """The check run itself (the tuner sends it on a GPU): one full generate per shape."""
+    from autotune.runner import ForkRunner
+
+    runner = ForkRunner(timeout_s=120, workdir=tmp_path / "runs")
+    try:
+        r = runner.run({"model": str(tiny_llama), "label": "cap", "workload": {"batch_size": 1, "prompt_len": 8, "new_tokens": 4},
+                        "config": {"from_pretrained": {"dtype": "float32"}, "generate": {"cache_implementation": "static"}, "runtime": {}},
+                        "capacity": [{"batch_size": 3, "prompt_len": 8}, {"batch_size": 1, "prompt_len": 40}], "seed": 0, "fault": None})
+    finally:
+        runner.close()
+    assert r["status"] == "ok" and "runs" not in r
+    assert [(c["batch_size"], c["prompt_len"], c["fits"]) for c in r["capacity_checks"]] == [(3, 8, True), (1, 40, True)]
