@@ -283,7 +283,8 @@ def test_failing_rank_ends_the_launch_without_waiting_for_the_timeout(llama, tmp
                                    "generate": {}, "runtime": {}}})
     finally:
         runner.close()
-    assert r["status"] == "error" and "tp_size" in r["error"]
+    # transformers 5.17: "tp_size (3) * fsdp_size (1) is not equal to world_size (2)"; 5.23: "The parallel mesh requires 3 processes, but world_size is 2."
+    assert r["status"] == "error" and "world_size" in r["error"]
     assert r["wall_s"] < 200
 
 
