@@ -1069,7 +1069,7 @@ def tune(
     ``dtype`` / ``attention`` / ``cache`` pin an axis instead of searching it; ``headroom_gib``
     is kept free on each GPU when a device_map split is derived.
     """
-    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens), ("reps", reps)):
         if not isinstance(v, int) or v < 1:
             raise UserError(f"{name} must be a whole number >= 1, found {v!r}")
     if time_budget is not None and time_budget <= 0:
@@ -1083,6 +1083,10 @@ def tune(
         result = predict(path, facts, workload, objective)
         return result if report else result.config
     fixed = {k: v for k, v in (("dtype", dtype), ("attention", attention), ("cache", cache)) if v is not None}
+    if attention is not None:
+        parse_config({"attn_implementation": attention})  # an unknown name is one line, before anything starts
+    if cache not in (None, "dynamic", "static"):
+        raise UserError("cache must be dynamic or static")
     if dtype is not None:
         from .config import parse_dtype
 

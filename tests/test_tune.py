@@ -194,6 +194,8 @@ def test_cli_tune_json_and_output(tiny_llama, tmp_path):
     (["tune", "--batch-size", "0"], "batch_size must be"),
     (["tune", "--max-memory", "0=lots"], "cannot parse memory size"),
     (["tune", "--objective", "speed"], "invalid choice"),
+    (["tune", "--reps", "0"], "reps must be"),
+    (["tune", "--attention", "fast"], "unknown value 'fast'"),
 ])
 def test_cli_tune_bad_input(tmp_path, args, match):
     out = run_cli(*args, cwd=tmp_path, env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
