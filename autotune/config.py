@@ -76,6 +76,11 @@ class Candidate:
     tuned_on: Any = None
 
     @property
+    def tensor_parallel(self) -> bool:
+        """tp_plan= (transformers 4.50-5.x) or distributed_config= (5.0+)."""
+        return self.tp_plan is not None or self.distributed_config
+
+    @property
     def compile(self) -> bool:
         """transformers 5.x compiles the forward automatically for a static cache (on CUDA)."""
         return self.cache_implementation in ("static", "offloaded_static") and not self.disable_compile
@@ -95,7 +100,7 @@ class Candidate:
             parts.append(f"device_map={self.device_map if isinstance(self.device_map, str) else 'custom'}")
             if isinstance(self.max_memory, dict) and "cpu" in self.max_memory:
                 parts.append("+cpu-offload")
-        if self.tp_plan is not None or self.distributed_config:
+        if self.tensor_parallel:
             parts.append(f"tensor-parallel x{self.tp_size}" if self.tp_size else "tensor-parallel")
         return " ".join(parts)
 

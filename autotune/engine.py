@@ -102,7 +102,7 @@ def gpus_used(candidate: Candidate, facts: Facts) -> Any:
         return [0]
     if not visible:
         return []
-    if candidate.tp_plan is not None or candidate.distributed_config:
+    if candidate.tensor_parallel:
         return visible[: candidate.tp_size] if candidate.tp_size else visible  # torchrun's LOCAL_RANK r uses GPU r
     if dm in ("auto", "balanced", "balanced_low_0", "sequential"):
         if candidate.max_memory:
@@ -238,7 +238,7 @@ class Context:
             heads = self.model.num_heads if self.model is not None else UNKNOWN
             kv = self.model.num_kv_heads if self.model is not None else UNKNOWN
             if f.gpus is not UNKNOWN and f.gpus:
-                d["tp_size"] = (c.tp_size or len(f.gpus)) if (c.tp_plan is not None or c.distributed_config) else None
+                d["tp_size"] = (c.tp_size or len(f.gpus)) if c.tensor_parallel else None
                 d["tp_exceeds_gpus"] = d["tp_size"] is not None and d["tp_size"] > len(f.gpus)
                 d["tp_nvlink"] = _nvlinked(f, used) if d["tp_size"] and used is not UNKNOWN else None
             if heads is not UNKNOWN and kv is not UNKNOWN and f.gpus is not UNKNOWN and f.gpus:

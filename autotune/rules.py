@@ -53,22 +53,23 @@ class Unknown:
 
 
 
-def _all(results: list[Any]) -> Any:
-    if any(r is False for r in results):
-        return False
+def _kleene(results: list[Any], decisive: bool) -> Any:
+    """Three-valued AND (``decisive=False``) / OR (``decisive=True``): one decisive value
+    settles it; otherwise any unknown makes the whole unknown, with every fact it needs."""
+    if any(r is decisive for r in results):
+        return decisive
     unknown = [r for r in results if isinstance(r, Unknown)]
     if unknown:
         return Unknown(n for u in unknown for n in u.needs)
-    return True
+    return not decisive
+
+
+def _all(results: list[Any]) -> Any:
+    return _kleene(results, decisive=False)
 
 
 def _any(results: list[Any]) -> Any:
-    if any(r is True for r in results):
-        return True
-    unknown = [r for r in results if isinstance(r, Unknown)]
-    if unknown:
-        return Unknown(n for u in unknown for n in u.needs)
-    return False
+    return _kleene(results, decisive=True)
 
 
 def _version(value: Any) -> Version | None:

@@ -170,7 +170,7 @@ def _simplicity(attn: str, quant: str | None, cache: str | None, compile_: bool,
 
 def _placement_cost(c: Any) -> int:
     """Placement's share of simplicity: one GPU < a device_map split < tensor parallel (torchrun) < CPU offload."""
-    if c.tp_plan is not None or c.distributed_config:
+    if c.tensor_parallel:
         return 4
     if isinstance(c.max_memory, dict) and "cpu" in c.max_memory:
         return 8
