@@ -72,10 +72,8 @@ class ForkRunner:
         self.proc = subprocess.Popen([sys.executable, "-m", "autotune._forkserver", *self.preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
 
-        def hello(proc: subprocess.Popen = self.proc) -> None:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 180)
-            self._hello_line = proc.stdout.readline() if ready else None
+        def hello() -> None:
+            self._hello_line = self._read(180)
             self.server_start_s = time.perf_counter() - self._t0
             self._ready_flag.touch()  # also on failure: nothing waits for a server that will not come
 
@@ -110,10 +108,7 @@ class ForkRunner:
             try:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_group(proc.pid)
                 proc.wait()
                 return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
         if code < 0:
@@ -171,10 +166,7 @@ class ForkRunner:
 
     def close_server(self) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _kill_group(self.proc.pid)
             self.proc.wait()
             self.proc = None
 
@@ -188,6 +180,14 @@ class ForkRunner:
                 self.close_server()
         self.proc = None
         self._tmp.cleanup()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a process and everything it started (each run has its own session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _merge_ranks(out: Path) -> dict[str, Any]:
