@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import __version__
-from .config import Workload, launch_command, parse_config, parse_max_memory
+from .config import Candidate, Workload, launch_command, parse_config, parse_max_memory
 from .engine import run as run_rules
 from .errors import UserError
 from .facts import UNKNOWN, Facts
-from .memory import CUDA_CONTEXT, GIB, estimate
+from .memory import CUDA_CONTEXT, GIB, estimate, gpu_budget
 from .model import ModelSpec, read_model
 from .quality import HALF_REFERENCE_FLOOR, compare, verdict
 
@@ -168,6 +168,24 @@ def _simplicity(attn: str, quant: str | None, cache: str | None, compile_: bool,
     return s
 
 
+def pinned_axes(fixed: dict[str, str] | None) -> dict[str, str]:
+    """Validate the axes a caller pins instead of searching ({"dtype", "attention", "cache"});
+    the dtype in its canonical spelling. Raises UserError / ConfigError with one line."""
+    from .config import parse_dtype
+
+    out = dict(fixed or {})
+    bad = set(out) - {"dtype", "attention", "cache"}
+    if bad:
+        raise UserError(f"cannot fix {sorted(bad)[0]!r}; fixable axes are dtype, attention, cache")
+    if "dtype" in out:
+        out["dtype"] = parse_dtype(out["dtype"], "dtype")
+    if "attention" in out:
+        parse_config({"attn_implementation": out["attention"]})
+    if out.get("cache") not in (None, "dynamic", "static"):
+        raise UserError("cache must be dynamic or static")
+    return out
+
+
 def _placement_cost(c: Any) -> int:
     """Placement's share of simplicity: one GPU < a device_map split < tensor parallel (torchrun) < CPU offload."""
     if c.tensor_parallel:
@@ -248,8 +266,10 @@ class Tuner:
         headroom_gib: float = 1.0,
         fixed: dict[str, str] | None = None,
         check_capacity: bool = True,
+        model: ModelSpec | None = None,
     ) -> None:
-        """``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt.
+        """``model``: the already-read :class:`ModelSpec` of ``model_path`` (else it is read here).
+        ``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt.
         ``fixed`` pins axes the caller has decided: {"dtype": ..., "attention": ..., "cache": "dynamic" | "static"}.
         ``headroom_gib``: per GPU, kept free beyond the estimate when max_memory is derived for a device_map split."""
         if objective not in OBJECTIVES:
@@ -257,7 +277,7 @@ class Tuner:
         if quantization not in ("auto", "always", "never"):
             raise UserError("quantization must be auto, always or never")
         self.path = str(model_path)
-        self.model = read_model(model_path)
+        self.model = model if model is not None else read_model(model_path)
         self.facts = facts
         self.workload = workload
         self.objective = objective
@@ -275,12 +295,7 @@ class Tuner:
         if headroom_gib < 0:
             raise UserError("headroom must be >= 0 GiB")
         self.headroom = int(headroom_gib * GIB)
-        self.fixed = dict(fixed or {})
-        bad = set(self.fixed) - {"dtype", "attention", "cache"}
-        if bad:
-            raise UserError(f"cannot fix {sorted(bad)[0]!r}; fixable axes are dtype, attention, cache")
-        if self.fixed.get("cache") not in (None, "dynamic", "static"):
-            raise UserError("cache must be dynamic or static")
+        self.fixed = pinned_axes(fixed)
         self.check_capacity = check_capacity
         self.trials: list[Trial] = []
         self.notes: list[str] = []
@@ -308,23 +323,29 @@ class Tuner:
         """Bytes GPU ``index`` may hold: the user's --max-memory, else its free memory."""
         if self.max_memory and str(index) in self.max_memory:
             return self.max_memory[str(index)]
-        g = self.facts.gpu(index)
-        if g is None:
-            return None
-        free = g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else g.memory_total_gib
-        return int(free * GIB) if isinstance(free, (int, float)) else None
+        b = gpu_budget(self.facts, index, Candidate())
+        return None if b is UNKNOWN else b
+
+    def fits_one(self, est: Any) -> bool | None:
+        """Does GPU 0 hold it (None: the estimate or the budget is unknown)?"""
+        budget = self.budget(0)
+        return None if est is UNKNOWN or budget is None else est.total <= budget
+
+    def fits_gpus(self, est: Any) -> bool:
+        """Do the visible GPUs together hold it, each keeping its context and the headroom? (unknown: yes)"""
+        if est is UNKNOWN:
+            return True
+        usable = sum(max((self.budget(i) or 0) - est.overhead - self.headroom, 0) for i in self.gpu_indexes())
+        return est.total - est.overhead <= usable
 
     def placement(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """{"": 0} when GPU 0 holds it (by the estimate), else device_map="auto" with max_memory."""
         if self.device == "cpu":
             return {"device_map": "cpu"}
         est = estimate(parse_config(cfg, workload=self.workload), self.model, self.facts)
-        budget = self.budget(0)
-        if est is UNKNOWN or budget is None or est.total <= budget:
+        if self.fits_one(est) is not False:
             return {"device_map": {"": 0}}
-        gpus = self.gpu_indexes()
-        usable = sum(max((self.budget(i) or 0) - est.overhead - self.headroom, 0) for i in gpus)
-        return {"device_map": "auto", "max_memory": self.split_memory(est, gpus, offload=est.total - est.overhead > usable)}
+        return {"device_map": "auto", "max_memory": self.split_memory(est, self.gpu_indexes(), offload=not self.fits_gpus(est))}
 
     def split_memory(self, est: Any, gpus: list[int], *, offload: bool = False) -> dict[str, str]:
         """max_memory for a device_map split. accelerate places *weights* up to these numbers, so
@@ -475,15 +496,12 @@ class Tuner:
         pick = self._choose()
         capacity: dict[str, Any] = {}
         if pick:
-            check, self.check_capacity = self.check_capacity, self.check_capacity and not interrupted
             try:
-                capacity = self._capacity(pick)
+                capacity = self._capacity(pick, check=self.check_capacity and not interrupted)
             except KeyboardInterrupt:
                 interrupted = True
                 self.notes.append("interrupted during the capacity check: capacity is from the memory model only")
-                self.check_capacity = False
-                capacity = self._capacity(pick)
-            self.check_capacity = check
+                capacity = self._capacity(pick, check=False)
         config = self._config_dict(pick) if pick else {}
         baseline = next((t for t in self.trials if t.stage == "baseline"), None)
         return TuneResult(
@@ -584,11 +602,7 @@ class Tuner:
         fp = {k: v for k, v in top.config["from_pretrained"].items() if k not in ("device_map", "max_memory")}
         gen, rt = dict(top.config["generate"]), dict(top.config["runtime"])
         est = estimate(parse_config({"from_pretrained": fp, "generate": gen}, workload=self.workload), self.model, self.facts)
-        over = est.overhead if est is not UNKNOWN else 0
-        usable = sum(max((self.budget(i) or 0) - over - self.headroom, 0) for i in gpus)
-        need = est.total - over if est is not UNKNOWN else 0
-        fits_one = est is not UNKNOWN and self.budget(0) is not None and est.total <= (self.budget(0) or 0)
-        fits_gpus = est is UNKNOWN or need <= usable
+        fits_one = self.fits_one(est) is True
 
         def cfg(extra: dict[str, Any], launch: str | None = None, generate: dict[str, Any] | None = None) -> dict[str, Any]:
             return {"from_pretrained": {**fp, **extra}, "generate": dict(gen if generate is None else generate),
@@ -611,7 +625,7 @@ class Tuner:
             tp = self.trial("placement", cfg({"distributed_config": {"tp_plan": "auto", "tp_size": k}}, launch=launch_command(k)))
             plans.append(tp)
             k *= 2
-        if not fits_gpus:
+        if not self.fits_gpus(est):
             plans.append(self.trial("placement", cfg({"device_map": "auto", "max_memory": self.split_memory(est, gpus, offload=True)})))
         else:
             self.notes.append("CPU offload not measured: the model fits on the GPUs (offload is the last resort)")
@@ -722,7 +736,7 @@ class Tuner:
             self.notes.append(f"picked {pick.label}: within the noise of the fastest ({max(ok, key=self.score).label}) and simpler")
         return pick
 
-    def _capacity(self, pick: Trial) -> dict[str, Any]:
+    def _capacity(self, pick: Trial, check: bool) -> dict[str, Any]:
         """Largest batch and prompt that fit, from the memory model calibrated on the measured
         peaks, then checked once: the pick generates at both shapes in one fresh process."""
         cand = parse_config(pick.config, workload=self.workload)
@@ -768,7 +782,7 @@ class Tuner:
         if self.device != "cuda":
             # the largest batch is compute-bound on a CPU: a run there takes minutes to hours
             out["checked"] = "not on the CPU: a run at the largest batch would take far longer than the tune"
-        elif self.check_capacity and self.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
+        elif check and self.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
             out.update(self._check_capacity(pick, out))
         return out
 
@@ -937,7 +951,7 @@ def predict(model_path: str | Path, facts: Facts, workload: Workload, objective:
                 cfg["autotune"] = {**cfg.get("autotune", {}), "measured": False, "reasons": [f"measured earlier on a {gpu} with the same stack (cache {f.name})"]}
                 return TuneResult(config=cfg, trials=[], pick=None, baseline=None, facts=facts, model=model, workload=workload,
                                   objective=objective, wall_s=0.0, measured=False, notes=cfg["autotune"]["reasons"])
-    tuner_like = Tuner(model_path, facts=facts, workload=workload, objective=objective)  # judges only: no runner, nothing is run
+    tuner_like = Tuner(model_path, facts=facts, workload=workload, objective=objective, model=model)  # judges only: no runner, nothing is run
     device, half = tuner_like.device, tuner_like.half
     options: list[tuple[str, str, dict[str, Any]]] = []
     if device == "cuda":
@@ -1082,15 +1096,8 @@ def tune(
     if facts is not None and facts.source != "probe":
         result = predict(path, facts, workload, objective)
         return result if report else result.config
-    fixed = {k: v for k, v in (("dtype", dtype), ("attention", attention), ("cache", cache)) if v is not None}
-    if attention is not None:
-        parse_config({"attn_implementation": attention})  # an unknown name is one line, before anything starts
-    if cache not in (None, "dynamic", "static"):
-        raise UserError("cache must be dynamic or static")
-    if dtype is not None:
-        from .config import parse_dtype
-
-        fixed["dtype"] = parse_dtype(dtype, "dtype")
+    # checked before anything starts: an unknown name is one line
+    fixed = pinned_axes({k: v for k, v in (("dtype", dtype), ("attention", attention), ("cache", cache)) if v is not None})
     from .machine import probe
 
     spec = read_model(path)
@@ -1112,7 +1119,7 @@ def tune(
         tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
                       max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
                       progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
-                      check_capacity=check_capacity)
+                      check_capacity=check_capacity, model=spec)
         tuner.start = t0
         result = tuner.run()
         start_s = getattr(runner, "server_start_s", None)
