@@ -829,6 +829,11 @@ class Tuner:
         return finish_config(pick.config, self.facts, self.workload, self.objective, measured=True)
 
 
+def first_gpu_name(facts: Facts) -> Any:
+    """The name of GPU 0, the one results are recorded under (None without a GPU)."""
+    return facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+
+
 def finish_config(cfg: dict[str, Any], facts: Facts, workload: Workload, objective: str, *, measured: bool, reasons: list[str] | None = None) -> dict[str, Any]:
     out = json.loads(json.dumps(cfg))
     out.setdefault("generate", {})
@@ -836,7 +841,7 @@ def finish_config(cfg: dict[str, Any], facts: Facts, workload: Workload, objecti
     rt.setdefault("sdpa_backend", None)
     rt["padding_side"] = "left"
     rt.setdefault("launch", None)
-    gpu = facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+    gpu = first_gpu_name(facts)
     out["autotune"] = {
         "schema": 1,
         "version": __version__,
@@ -876,7 +881,7 @@ class ResultCache:
                            "version": __version__, "extra": extra}, sort_keys=True)
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.path = self.root / f"{self.key}.json"
-        self.meta = {"gpu": facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None,
+        self.meta = {"gpu": first_gpu_name(facts),
                      "torch": facts.package("torch"), "transformers": facts.package("transformers"),
                      "model": model_fingerprint(model), "workload": dataclasses.asdict(workload)}
         try:
@@ -938,7 +943,7 @@ def predict(model_path: str | Path, facts: Facts, workload: Workload, objective:
     reasons: list[str] = []
     root = cache_root or cache_dir() / "results"
     if root.is_dir():
-        gpu = facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+        gpu = first_gpu_name(facts)
         for f in sorted(root.glob("*.json")):
             try:
                 d = json.loads(f.read_text())
