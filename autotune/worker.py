@@ -140,6 +140,16 @@ def _peaks(torch: Any, cuda: bool) -> dict[str, Any]:
     }
 
 
+def _enforce_budget(torch: Any, budget: dict[str, Any], world: int, local_rank: int) -> None:
+    """Each process enforces the budget of the GPUs it may touch (a TP rank: its own)."""
+    if not torch.cuda.is_available():
+        return
+    for dev, limit in budget.items():
+        if dev.isdigit() and int(dev) < torch.cuda.device_count() and (world == 1 or int(dev) == local_rank):
+            total = torch.cuda.get_device_properties(int(dev)).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), int(dev))
+
+
 def _wait_for(path: str | None, limit_s: float = 300.0) -> None:
     """Hold the timed runs until ``path`` exists (a process started beside this one is busy
     until then: the fork server importing while a first candidate runs in a fresh interpreter)."""
@@ -179,6 +189,119 @@ def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w:
     return {"capacity_checks": checks}
 
 
+def _forced_logits(torch: Any, model: Any, ids: Any, base: dict[str, Any], vocab: int, steps: int, n_new: int, seed: int,
+                   *, keep_length: bool) -> Any:
+    """Raw logits of the first ``steps`` steps over a forced, fixed continuation: every
+    candidate is compared on the same token history (padded rows included)."""
+    from transformers import LogitsProcessorList
+
+    g = torch.Generator().manual_seed(seed + 1)
+    forced = torch.randint(3, vocab, (ids.shape[0], n_new), generator=g)
+    proc = _ForceTokens(torch, forced, keep=steps)
+    length = {} if keep_length else {"max_new_tokens": steps, "min_new_tokens": steps}
+    with torch.inference_mode():
+        model.generate(ids, **{**base, **length, "logits_processor": LogitsProcessorList([proc])})
+    return torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
+
+
+def _save_logits(torch: Any, logits: Any, path: Path) -> None:
+    torch.save(logits.half() if logits.abs().max() < 6e4 else logits, path)
+
+
+def _reset_sdpa(torch: Any) -> None:
+    """Every SDPA backend enabled again (the screen loads candidates with different backends in turn)."""
+    for toggle in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_math_sdp):
+        toggle(True)
+
+
+def device_time_us(torch: Any, fn: Any) -> float:
+    """GPU time of what ``fn`` runs: the sum of its kernels' (and copies') durations, read with
+    the profiler (launch gaps and host work do not count: what a CUDA graph leaves of it). On
+    the CPU, the wall time."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    try:
+        events = prof.profiler.kineto_results.events()
+        total = sum(e.end_ns() - e.start_ns() for e in events if e.device_type() == DeviceType.CUDA) / 1000
+    except AttributeError:
+        total = 0.0
+    if not total:
+        total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return float(total)
+
+
+def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """For each candidate in ``spec["screen"]``, in this one process: load it, warm up, and take
+    the GPU time per decode step with a static cache, uncompiled — the difference between the
+    device time of ``1 + steps`` generated tokens and of 1 (the prefill), over ``steps`` — and
+    the forced-token logits of its first steps (a quality reference that costs no extra run)."""
+    from transformers import AutoModelForCausalLM
+
+    w = spec["workload"]
+    steps = int(spec.get("screen_steps", 32))
+    rows = []
+    for i, item in enumerate(spec["screen"]):
+        row: dict[str, Any] = {"label": item["label"]}
+        model = None
+        try:
+            if item.get("fault") == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            cfg = item["config"]
+            if torch.cuda.is_available():
+                _reset_sdpa(torch)
+            apply_runtime(cfg)
+            kwargs = from_pretrained_kwargs(cfg)
+            if not torch.cuda.is_available() and "device_map" not in cfg["from_pretrained"]:
+                kwargs["device_map"] = "cpu"
+            model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs)
+            model.eval()
+            device = next(model.parameters()).device
+            vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+            ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
+            gen = {**(cfg.get("generate") or {}), "cache_implementation": "static", "disable_compile": True}
+            base = dict(attention_mask=mask, do_sample=False, pad_token_id=0, **gen)
+
+            def run(n: int) -> None:
+                with torch.inference_mode():
+                    model.generate(ids, **base, max_new_tokens=n, min_new_tokens=n)
+
+            run(1 + steps)  # warm-up: allocator, cuBLAS handles, kernels' first launches
+            prefill = device_time_us(torch, lambda: run(1))
+            whole = device_time_us(torch, lambda: run(1 + steps))
+            row["step_ms"] = max(whole - prefill, 0.0) / steps / 1000
+            row["prefill_ms"] = prefill / 1000
+            n_q = min(int(spec.get("quality_steps", 4)), w["new_tokens"])
+            logits = _forced_logits(torch, model, ids, base, vocab, n_q, w["new_tokens"], spec.get("seed", 0), keep_length=False)
+            if item.get("fault") == "corrupt":
+                logits = torch.randn_like(logits) * 10
+            path = out / f"screen-{i:02d}.pt"
+            _save_logits(torch, logits, path)
+            row["logits"] = str(path)
+            row["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - one candidate's failure is its row, not the screen's
+            text = f"{type(e).__name__}: {e}".strip().splitlines()
+            row["status"] = "error"
+            row["error"] = text[0][:300] if text else type(e).__name__
+            row["oom"] = "out of memory" in row["error"].lower()
+        finally:
+            model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
 def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
     out = Path(out_dir)
     rank, _, world = _rank()
@@ -216,12 +339,10 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     rank, local_rank, world = _rank()
     budget = spec.get("memory_budget") or {}
-    if cuda:
-        for dev, limit in budget.items():
-            # each process enforces the budget of the GPUs it may touch (a TP rank: its own)
-            if dev.isdigit() and int(dev) < torch.cuda.device_count() and (world == 1 or int(dev) == local_rank):
-                total = torch.cuda.get_device_properties(int(dev)).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), int(dev))
+    if spec.get("screen"):
+        _enforce_budget(torch, budget, world, local_rank)
+        return {"screen": _screen(torch, spec, out)}
+    _enforce_budget(torch, budget, world, local_rank)
     torch.manual_seed(spec.get("seed", 0))
     apply_runtime(cfg)
     kwargs = from_pretrained_kwargs(cfg)
@@ -320,22 +441,13 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
 
     # quality: raw logits over several steps on a fixed token history (not timed). A static
-    # cache keeps the measured length (another length would make a compiled one recompile);
-    # every token is forced, the first `steps` logits are kept.
+    # cache keeps the measured length (another length would make a compiled one recompile).
     steps = min(spec.get("quality_steps", 4), n_new)
-    g = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
-    forced = torch.randint(3, vocab, (ids.shape[0], n_new), generator=g)
-    proc = _ForceTokens(torch, forced, keep=steps)
-    from transformers import LogitsProcessorList
-
-    length = {} if fixed_shapes else {"max_new_tokens": steps, "min_new_tokens": steps}
-    with torch.inference_mode():
-        model.generate(ids, **{**base, **length, "logits_processor": LogitsProcessorList([proc])})
-    logits = torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
+    logits = _forced_logits(torch, model, ids, base, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes)
     if spec.get("fault") == "corrupt":
         logits = torch.randn_like(logits) * 10
     if rank == 0:  # tensor-parallel ranks compute the same (replicated) logits
-        torch.save(logits.half() if logits.abs().max() < 6e4 else logits, out / "logits.pt")
+        _save_logits(torch, logits, out / "logits.pt")
     # -inf is legitimate (min_new_tokens masks EOS); NaN or +inf is not
     res["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
     return res

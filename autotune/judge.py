@@ -1,0 +1,145 @@
+"""Judging trials: is each one's output sane (logits against a reference, per-dtype noise
+floors), which is best for the objective, and when compiling pays off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from .quality import HALF_REFERENCE_FLOOR, compare, verdict
+from .trial import STATUS_OK, Trial
+
+OBJECTIVES = ("throughput", "latency", "memory")
+HALF = ("bfloat16", "float16")
+
+
+def dtype_of(t: Trial) -> Any:
+    return t.metric("dtype") or t.config["from_pretrained"].get("dtype")
+
+
+def quantized(t: Trial) -> bool:
+    return "quantization_config" in t.config["from_pretrained"]
+
+
+def logits_of(t: Trial) -> Any:
+    """The candidate's own logits (its last good run), else those its screen recorded."""
+    from .quality import load_logits
+
+    for r in reversed(t.results):
+        if r.get("status") == STATUS_OK and r.get("dir"):
+            lg = load_logits(r["dir"])
+            if lg is not None:
+                return lg
+    path = t.screen.get("logits") if t.screen.get("status") == STATUS_OK else None
+    if path and Path(path).is_file():
+        import torch
+
+        return torch.load(path, map_location="cpu").float()
+    return None
+
+
+class Judge:
+    def __init__(self, objective: str = "throughput", min_throughput: float = 0.0, notes: list[str] | None = None) -> None:
+        if objective not in OBJECTIVES:
+            from .errors import UserError
+
+            raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
+        self.min_throughput = min_throughput
+        self.notes = notes if notes is not None else []
+
+    # ---- the objective
+    def score(self, t: Trial) -> float:
+        if self.objective == "latency":
+            return -(t.median("total_s") or float("inf"))
+        if self.objective == "memory":
+            peak = t.gpu_peak_gib() or t.metric("host_peak_gib") or float("inf")
+            ok_speed = (t.median("decode_tok_s") or 0) >= self.min_throughput
+            return (1e6 if ok_speed else 0) - peak
+        return t.median("decode_tok_s") or 0.0
+
+    def best(self, trials: Iterable[Trial], margin: float = 0.0) -> Trial | None:
+        """The best by the objective; for throughput, the simplest of those whose median lies
+        within the fastest one's 95 % interval (no quantization, fewer packages, no compile).
+        ``margin``: also count as a tie what is within this fraction of the fastest median."""
+        ok = [t for t in trials if t.status == STATUS_OK and t.stage != "baseline"]
+        if not ok:
+            return None
+        top = max(ok, key=self.score)
+        if self.objective != "throughput":
+            return top
+        lo = min((top.ci("decode_tok_s") or (0, 0))[0], (1 - margin) * (top.median("decode_tok_s") or 0))
+        close = [t for t in ok if (t.median("decode_tok_s") or 0) >= lo]  # its median inside the top's interval
+        return min(close, key=lambda t: (t.simplicity, -self.score(t)))
+
+    def choose(self, trials: list[Trial]) -> Trial | None:
+        ok = [t for t in trials if t.status == STATUS_OK and t.stage != "baseline"]
+        pick = self.best(ok)
+        if pick is not None and pick is not max(ok, key=self.score):
+            self.notes.append(f"picked {pick.label}: within the noise of the fastest ({max(ok, key=self.score).label}) and simpler")
+        return pick
+
+    # ---- correctness
+    def check_quality(self, trials: list[Trial]) -> Any:
+        """Each measured candidate's logits against the most precise candidate's (fp32, eager
+        preferred; a screened-only candidate can serve), with a noise floor *per dtype*: the
+        best agreement any candidate of that dtype reached. bf16 keeps 3 fewer mantissa bits
+        than fp16, so one floor for both either passes broken fp16 or fails working bf16 (7 B on
+        the H100: bf16 eager KL 0.010 against a floor set by fp16's 1.3e-4). Returns the lowest floor."""
+        have = [(t, lg) for t in trials if (t.status == STATUS_OK or t.screen.get("status") == STATUS_OK)
+                for lg in [logits_of(t)] if lg is not None]
+        if not have:
+            return None
+
+        def precision(item: tuple[Trial, Any]) -> tuple[int, int, int]:
+            t = item[0]
+            dt = {"float32": 0, "float16": 1, "bfloat16": 2}.get(dtype_of(t), 3)
+            return (dt + (10 if quantized(t) else 0), 0 if t.config["from_pretrained"].get("attn_implementation") == "eager" else 1,
+                    0 if t.status == STATUS_OK else 1)
+
+        ref, ref_logits = min(have, key=precision)
+        ref_dtype = dtype_of(ref)
+        measures = {id(t): compare(ref_logits, lg) for t, lg in have if t is not ref}
+        floors: dict[str, float] = {}
+        for t, _ in have:
+            if t is ref or quantized(t) or dtype_of(t) not in HALF:
+                continue
+            kl = measures[id(t)]["kl"]
+            if kl != float("inf"):
+                floors[dtype_of(t)] = min(floors.get(dtype_of(t), kl), kl)
+        if ref_dtype in HALF:
+            floors = {d: max(f, HALF_REFERENCE_FLOOR) for d, f in floors.items()}
+            self.notes.append(f"quality: the reference ({ref.label}) is {ref_dtype}, so no noise floor could be measured against float32; "
+                              f"the floor measured between bf16 and fp32 on an H100 ({HALF_REFERENCE_FLOOR:g}) is used")
+        lowest = min(floors.values()) if floors else (HALF_REFERENCE_FLOOR if ref_dtype in HALF else 0.0)
+        for t, _ in have:
+            if t is ref:
+                t.quality = {"reference": True, "kl": 0.0, "top1": 1.0}
+                if not all(r.get("logits_finite", True) for r in t.results if r.get("status") == STATUS_OK):
+                    t.status, t.reason = "wrong", "the reference's logits contain NaN/inf"
+                continue
+            m = measures[id(t)]
+            floor = floors.get(dtype_of(t), lowest)
+            good, why = verdict(m, floor, quantized(t))
+            t.quality = {"kl": m["kl"], "top1": m["top1"], "reference": ref.label, "floor": floor}
+            if not good and t.status == STATUS_OK:
+                t.status, t.reason = "wrong", why
+        return lowest
+
+    # ---- compile
+    def compile_breakeven(self, trials: list[Trial], new_tokens: int) -> None:
+        """For each compiled candidate: after how many generated tokens its compile time pays off
+        against the fastest measured candidate that does not compile."""
+        plain = [x for x in trials if x.status == STATUS_OK and not x.config["generate"].get("cache_implementation")]
+        for t in trials:
+            if t.status != STATUS_OK or not t.config["generate"].get("cache_implementation") or t.config["generate"].get("disable_compile"):
+                continue
+            fp = t.config["from_pretrained"]
+            twins = [x for x in plain if x.stage != "baseline" and x.config["from_pretrained"] == fp and x.config["runtime"] == t.config["runtime"]]
+            twin = twins[0] if twins else max(plain, key=lambda x: x.median("decode_tok_s") or 0, default=None)
+            comp, fast, slow = t.metric("compile_s"), t.median("decode_tok_s"), twin.median("decode_tok_s") if twin else None
+            if comp and fast and slow and fast > slow:
+                tokens = comp / (1 / slow - 1 / fast)
+                t.quality["compile_breakeven_tokens"] = int(tokens)
+                self.notes.append(f"{t.label}: compiling took {comp:.0f} s and pays off after about {tokens:,.0f} generated tokens "
+                                  f"({tokens / new_tokens:,.0f} requests of this workload) against {twin.label}")

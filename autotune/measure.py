@@ -1,0 +1,135 @@
+"""Running and timing trials: each measurement is one run of the candidate runner (a fresh
+process), reused from the result cache where it was taken before, within the time budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import time
+from typing import Any, Callable, Iterable
+
+from .config import Workload, parse_config
+from .memory import CUDA_CONTEXT, GIB
+from .trial import STATUS_OK, Trial
+
+# Proxy steps per screened candidate: GPU kernel time of this many decode steps (after one warm-up).
+SCREEN_STEPS = 32
+
+
+class Bench:
+    def __init__(self, model_path: str, workload: Workload, *, runner: Any, cache: Any = None, reps: int = 3,
+                 faults: dict[str, str] | None = None, progress: Callable[[str, int, int], None] | None = None,
+                 candidate_timeout: float | None = None, time_budget: float | None = None,
+                 max_memory: dict[str, int] | None = None) -> None:
+        self.path = model_path
+        self.workload = workload
+        self.runner = runner
+        self.cache = cache
+        self.reps = reps
+        self.faults = faults or {}
+        self.progress = progress or (lambda label, done, total: None)
+        self.candidate_timeout = candidate_timeout
+        self.time_budget = time_budget
+        self.max_memory = max_memory
+        self.trials: list[Trial] = []
+        self.calibration: list[float] = []
+        self.start = time.perf_counter()
+
+    # ---- time
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def budget_left(self) -> bool:
+        return self.time_budget is None or self.elapsed() < self.time_budget
+
+    # ---- bookkeeping
+    def add(self, trials: Iterable[Trial]) -> list[Trial]:
+        """Adds trials not seen before (by label); returns the new ones."""
+        out = []
+        for t in trials:
+            if any(x.label == t.label for x in self.trials):
+                continue
+            self.trials.append(t)
+            out.append(t)
+        return out
+
+    def counts(self) -> tuple[int, int]:
+        """(runs done, runs planned so far): planned grows as stages are opened."""
+        done = sum(len(t.results) for t in self.trials if t.stage != "baseline" or not t.reason)
+        waiting = sum(1 for t in self.trials if t.status == "planned" and not t.results)
+        return done, done + max(waiting, 1)
+
+    def spec(self, t: Trial) -> dict[str, Any]:
+        return {
+            "model": self.path,
+            "label": t.label,
+            "config": t.config,
+            "workload": dataclasses.asdict(self.workload),
+            "reps": self.reps,
+            "min_reps": min(2, self.reps),
+            "rep_spread": 0.10,
+            "nproc": parse_config(t.config).tp_size or 1,
+            "quality_steps": 4,
+            "seed": 0,
+            "memory_budget": self.max_memory,
+            "fault": next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(t.label, k)), None),
+            "timeout_s": self.candidate_timeout,
+        }
+
+    def _run(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
+        cached = self.cache.get(key) if key and self.cache else None
+        if cached is not None:
+            return cached
+        self.progress(spec["label"], *self.counts())
+        result = self.runner.run(spec)
+        if key and self.cache:
+            self.cache.put(key, result)
+        return result
+
+    # ---- measuring
+    def measure(self, t: Trial) -> None:
+        """One full measurement of ``t`` (load, warm-up, timed runs, logits) in a fresh process."""
+        if t.status == "dropped":
+            return
+        if not self.budget_left():
+            if t.status == "planned":
+                t.status, t.reason = "not measured", f"time budget of {self.time_budget:.0f} s spent"
+            return
+        key = self.cache.trial_key(t, len(t.results)) if self.cache else None
+        result = self._run(key, self.spec(t))
+        t.results.append(result)
+        st = result.get("status")
+        if st == STATUS_OK:
+            t.status = STATUS_OK
+            peak = sum((result.get("gpu_peak_gib") or {}).values())
+            # calibrate on runs whose estimate is not mostly the fixed CUDA-context allowance
+            if peak and t.estimate_gib and t.estimate_gib - CUDA_CONTEXT / GIB >= 0.25:
+                self.calibration.append(peak / (t.estimate_gib - CUDA_CONTEXT / GIB))
+        elif t.status != STATUS_OK:
+            t.status = st or "error"
+            t.reason = result.get("error", "")
+            if result.get("oom"):
+                t.reason = "out of memory: " + t.reason
+
+    def screen(self, trials: list[Trial]) -> bool:
+        """The cheap proxy for the compiled regime, for every trial in one process: the GPU
+        kernel time of a decode step with a static cache, uncompiled (host work and launch gaps,
+        which CUDA graphs remove, do not count). Fills ``t.screen``; False if no proxy was taken."""
+        todo = [t for t in trials if t.status != "dropped"]
+        if not todo or not self.budget_left():
+            return False
+        spec = {"model": self.path, "label": f"screen: {len(todo)} candidates by GPU time per decode step",
+                "workload": dataclasses.asdict(self.workload), "config": todo[0].config, "seed": 0, "nproc": 1, "quality_steps": 4,
+                "memory_budget": self.max_memory, "timeout_s": self.candidate_timeout, "fault": None,
+                "screen": [{"label": t.label, "config": t.config,
+                            "fault": next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(t.label, k)), None)} for t in todo],
+                "screen_steps": SCREEN_STEPS}
+        key = self.cache.key_of("screen", [t.config for t in todo], SCREEN_STEPS) if self.cache else None
+        result = self._run(key, spec)
+        rows = {r.get("label"): r for r in result.get("screen") or []}
+        for t in todo:
+            r = rows.get(t.label)
+            if r and r.get("status") == STATUS_OK and not isinstance(r.get("step_ms"), (int, float)):
+                r = {**r, "status": "error", "error": "the screen reported no step time"}
+            t.screen = dict(r) if r else {"status": "error", "error": result.get("error") or "the screen returned no row for it"}
+        return any(t.screen.get("status") == STATUS_OK for t in todo)

@@ -1,0 +1,102 @@
+"""The exhaustive oracle: every candidate of the full space measured longer, each in a fresh
+process, to check a tune's pick against (``benchmarks/oracle.py`` runs it on a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .config import Workload
+from .facts import Facts
+from .model import read_model
+from .space import Space, full_space, same_candidate
+from .trial import STATUS_OK
+
+# The tune takes 2 timed runs per candidate (3 when they disagree); the oracle five times that.
+ORACLE_REPS = 10
+
+
+def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[str, str] | None = None) -> list[Any]:
+    """Every unquantized one-device candidate the rules let through, placed as the tune places them."""
+    space = Space(read_model(model_path), facts, workload, fixed=fixed)
+    return [space.place("oracle", cfg) for cfg in full_space(space.device, space.half, workload, space.fixed)]
+
+
+def measure_one(model_path: str, t: Any, workload: Workload, runner: Any, *, reps: int = ORACLE_REPS) -> dict[str, Any]:
+    """One candidate in a fresh process, ``reps`` timed runs (all of them: no early stop)."""
+    row: dict[str, Any] = {"label": t.label, "config": t.config, "status": t.status, "reason": t.reason}
+    if t.status == "dropped":
+        return row
+    r = runner.run({"model": model_path, "label": t.label, "config": t.config, "workload": dataclasses.asdict(workload),
+                    "reps": reps, "min_reps": reps, "quality_steps": 1, "seed": 0, "memory_budget": None, "fault": None, "nproc": 1})
+    row.update(status=r.get("status"), decode_tok_s=r.get("decode_tok_s"), ttft_s=r.get("ttft_s"), compile_s=r.get("compile_s"),
+               runs=[x.get("decode_tok_s") for x in r.get("runs", [])], gpu_peak_gib=r.get("gpu_peak_gib"), error=r.get("error"),
+               wall_s=r.get("wall_s"))
+    return row
+
+
+def screen_rows(model_path: str, facts: Facts, workload: Workload, runner: Any, rows: list[dict[str, Any]]) -> None:
+    """The GPU-time screen of every compiled candidate (one process), written into ``rows``."""
+    compiled = [r for r in rows if r.get("status") not in ("dropped", None) and r["config"]["generate"].get("cache_implementation")
+                and not r["config"]["generate"].get("disable_compile")]
+    if not compiled:
+        return
+    r = runner.run({"model": model_path, "label": "oracle screen", "config": compiled[0]["config"], "workload": dataclasses.asdict(workload),
+                    "seed": 0, "memory_budget": None, "fault": None, "nproc": 1, "quality_steps": 1,
+                    "screen": [{"label": c["label"], "config": c["config"]} for c in compiled], "screen_steps": 32})
+    by_label = {s.get("label"): s for s in r.get("screen") or []}
+    for row in rows:
+        s = by_label.get(row["label"])
+        if s:
+            row["screen_step_ms"] = s.get("step_ms")
+            row["screen_error"] = s.get("error")
+
+
+def measure(model_path: str, facts: Facts, workload: Workload, runner: Any, *, reps: int = ORACLE_REPS,
+            progress: Any = print) -> list[dict[str, Any]]:
+    """The whole space, one fresh process per candidate, then the screen of the compiled ones."""
+    rows = []
+    for t in candidates(model_path, facts, workload):
+        rows.append(measure_one(model_path, t, workload, runner, reps=reps))
+        progress(f"oracle {t.label[:60]:60} {rows[-1]['status']:10} {rows[-1].get('decode_tok_s')}")
+    if facts.gpus:
+        screen_rows(model_path, facts, workload, runner, rows)
+    return rows
+
+
+def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if r.get("status") == STATUS_OK and r.get("decode_tok_s")]
+    return max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
+
+
+def ratio(pick_config: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pick's oracle speed over the oracle's best (the same candidate found by its config)."""
+    top = best(rows)
+    pick = next((r for r in rows if pick_config and same_candidate(r["config"], pick_config)), None) if pick_config else None
+    out: dict[str, Any] = {"oracle_best": top and top["label"], "oracle_best_tok_s": top and top["decode_tok_s"],
+                           "pick": pick and pick["label"], "pick_tok_s": pick and pick.get("decode_tok_s")}
+    if top and pick and pick.get("decode_tok_s"):
+        out["ratio"] = round(pick["decode_tok_s"] / top["decode_tok_s"], 3)
+    else:
+        out["ratio"] = None
+        out["why"] = "the pick is not in the oracle's space (quantized or placed differently)" if pick_config and not pick else "no pick or no oracle best"
+    return out
+
+
+def rank_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does the screen (GPU time per decode step) order compiled candidates like their runs?
+    Kendall's tau over the pairs, and whether the screen's best is within the margin of the runs' best."""
+    pts = [(r["screen_step_ms"], r["decode_tok_s"], r["label"]) for r in rows
+           if r.get("screen_step_ms") and r.get("decode_tok_s") and r.get("status") == STATUS_OK]
+    if len(pts) < 2:
+        return {"pairs": 0}
+    agree = disagree = 0
+    for i in range(len(pts)):
+        for j in range(i + 1, len(pts)):
+            s = (pts[i][0] - pts[j][0]) * (pts[j][1] - pts[i][1])  # faster step <-> more tok/s
+            agree += s > 0
+            disagree += s < 0
+    by_screen = min(pts)
+    by_runs = max(pts, key=lambda p: p[1])
+    return {"pairs": agree + disagree, "kendall_tau": round((agree - disagree) / max(agree + disagree, 1), 3),
+            "screen_best": by_screen[2], "runs_best": by_runs[2], "screen_best_over_runs_best": round(by_screen[1] / by_runs[1], 3)}

@@ -1,0 +1,276 @@
+"""The search: which candidates are measured, in which regime, and in what order.
+
+Decode at small batch runs in one of two regimes (docs/PERFORMANCE.md): with a dynamic cache
+(or an uncompiled static one) it is bound by kernel launches and host work; with a static
+cache compiled by transformers (CUDA graphs) by the GPU's own time, mostly bytes moved. They
+rank dtypes and attention differently (7 B on an H100: fp32 eager 46.9 vs bf16 sdpa 22.2 tok/s
+with the dynamic cache; 74.3 vs 117.7 compiled). So each axis is decided in the regime the
+pick will run in:
+
+* **compiled** (CUDA, a static cache not ruled out, objective throughput or latency): every
+  dtype x attention (x SDPA backend at long prompts) is screened in one process by the GPU
+  kernel time of a decode step with a static cache (what CUDA graphs leave of a step: no
+  launch gaps, no host work); the ones within ``SCREEN_MARGIN`` of the best are compiled and
+  measured for real (at most ``MAX_COMPILED``), and the pick comes from those runs. If none
+  compiles, the eager search below runs instead.
+* **eager** (the CPU, ``--cache dynamic``, the memory objective, or nothing compiled): staged
+  as before — attention at the preferred dtype, then dtype, then the static cache uncompiled.
+
+Then quantization (memory objective, ``--quantization always``, or nothing fits), placements
+on several GPUs, and the two best re-measured head to head when they are close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .judge import Judge
+from .measure import Bench
+from .config import launch_command
+from .facts import UNKNOWN
+from .space import DTYPES, Space, attention_options, regime
+from .trial import STATUS_OK, Trial
+
+# A stage of the eager search carries forward the simplest option within this fraction of the
+# stage's fastest: dynamic-cache candidates move by +-20 % between fresh processes on an H100.
+STAGE_MARGIN = 0.10
+# Compiled candidates whose screened step time is within this fraction of the best are compiled.
+SCREEN_MARGIN = 0.10
+MAX_COMPILED = 2
+# Head to head: a leader is decisive when its interval clears the other's by 3x the spread and
+# it leads by this factor (dynamic-cache runs move +-20 % between processes, compiled ones ~10 %).
+DECISIVE = {"eager": 1.25, "compiled": 1.10}
+
+
+class Search:
+    def __init__(self, space: Space, bench: Bench, judge: Judge, *, quantization: str = "auto", finalist_rounds: int = 2,
+                 notes: list[str] | None = None) -> None:
+        if quantization not in ("auto", "always", "never"):
+            from .errors import UserError
+
+            raise UserError("quantization must be auto, always or never")
+        self.space, self.bench, self.judge = space, bench, judge
+        self.quantization = quantization
+        self.finalist_rounds = finalist_rounds
+        self.notes = notes if notes is not None else []
+        self.baseline: Trial | None = None
+
+    @property
+    def fixed(self) -> dict[str, str]:
+        return self.space.fixed
+
+    def make_baseline(self) -> Trial:
+        """transformers' defaults as a user loads them: the checkpoint's dtype, sdpa, dynamic cache."""
+        cfg = {"from_pretrained": {"device_map": "cuda" if self.space.device == "cuda" else "cpu"}, "generate": {}, "runtime": {}}
+        t = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline", config=cfg, simplicity=0)
+        self.space.judge(t)
+        self.baseline = t
+        return t
+
+    def compiled_applies(self) -> bool:
+        return (self.space.device == "cuda" and self.fixed.get("cache") != "dynamic" and self.judge.objective != "memory")
+
+    def run(self) -> None:
+        baseline = self.make_baseline()
+        if self.compiled_applies():
+            if not self.compiled_search(baseline):
+                self.notes.append("no compiled candidate ran: dtype and attention chosen on dynamic-cache runs instead")
+                self.eager_search(baseline, static_uncompiled=True)
+        else:
+            if self.space.device == "cuda":
+                why = "--cache dynamic" if self.fixed.get("cache") == "dynamic" else "the memory objective (quantized models do not compile)"
+                self.notes.append(f"compiled static cache not searched: {why}")
+            self.eager_search(baseline, static_uncompiled=self.fixed.get("cache") != "dynamic")
+        self.quantize()
+        self.placements()
+        self.head_to_head()
+
+    # ---- the compiled regime
+    def compiled_search(self, baseline: Trial) -> bool:
+        sp, bench = self.space, self.bench
+        dtypes = [self.fixed["dtype"]] if "dtype" in self.fixed else list(DTYPES)
+        options = attention_options(sp.device, sp.workload, self.fixed, self.notes)
+        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True) for d in dtypes for a, b in options]
+        bench.add([baseline])
+        cands = bench.add(cands)
+        live = [t for t in cands if t.status != "dropped"]
+        if not live:
+            return False
+        # the screen first: it needs only the GPU's clock, so it may run while the fork server
+        # still imports; the baseline's timed runs come after
+        screened = bench.screen(live) if len(live) > 1 else False
+        bench.measure(baseline)
+        if screened:
+            for t in live:
+                if t.screen.get("status") != STATUS_OK:
+                    t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
+            ranked = sorted((t for t in live if t.screen.get("status") == STATUS_OK), key=lambda t: (t.screen["step_ms"], t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
+            if not ranked:
+                return False
+            best_ms = ranked[0].screen["step_ms"]
+            queue = [t for t in ranked if t.screen["step_ms"] <= best_ms * (1 + SCREEN_MARGIN)][:MAX_COMPILED]
+            spare = [t for t in ranked if t not in queue]
+            for t in spare:
+                t.status = "not measured"
+                t.reason = (f"screened out: {t.screen['step_ms']:.3f} ms of GPU time per decode step against {best_ms:.3f} ms "
+                            f"for {ranked[0].label} (+{t.screen['step_ms'] / best_ms - 1:.0%}; compiled only within +{SCREEN_MARGIN:.0%})")
+        else:
+            # no proxy (one candidate, or the screen failed): the roofline prior orders them —
+            # fewer bytes per weight first, then the simpler
+            size = {"float32": 4, "float16": 2, "bfloat16": 2}
+            queue = sorted(live, key=lambda t: (size.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity))
+            spare = queue[MAX_COMPILED:]
+            queue = queue[:MAX_COMPILED]
+            for t in spare:
+                t.status, t.reason = "not measured", "not compiled: no screen measurement, and the roofline prior (bytes per weight) ranks it lower"
+            if len(live) > 1:
+                self.notes.append("screen failed: compiled candidates chosen by bytes per weight instead")
+        for t in queue:
+            bench.measure(t)
+        # a finalist that failed to compile gives its place to the next screened candidate
+        while not any(t.status == STATUS_OK for t in queue) and spare:
+            nxt = spare.pop(0)
+            nxt.status, nxt.reason = "planned", ""
+            queue.append(nxt)
+            bench.measure(nxt)
+        return any(t.status == STATUS_OK for t in queue)
+
+    # ---- the eager regime
+    def eager_search(self, baseline: Trial, *, static_uncompiled: bool) -> None:
+        sp, bench, judge = self.space, self.bench, self.judge
+        first = self.fixed.get("dtype", sp.half)
+        options = attention_options(sp.device, sp.workload, self.fixed, None if self.compiled_applies() else self.notes)
+        stage1 = [sp.make("attention", first, a, backend=b) for a, b in options]
+        bench.add([baseline])
+        for t in bench.add(stage1):
+            bench.measure(t)
+        if not baseline.results:
+            twin = self.baseline_twin(baseline, stage1)
+            if twin is not None:
+                baseline.results, baseline.status = twin.results, twin.status
+                baseline.reason = f"same configuration as '{twin.label}' on transformers {sp.facts.package('transformers')}: measured once"
+            else:
+                bench.measure(baseline)
+        best_attn = judge.best(stage1, margin=STAGE_MARGIN)
+        if best_attn is None:
+            self.notes.append("no attention implementation ran at the preferred dtype; trying float32")
+        attn = best_attn.config["from_pretrained"]["attn_implementation"] if best_attn else "sdpa"
+        backend = best_attn.config["runtime"].get("sdpa_backend") if best_attn else None
+
+        dtypes = [] if "dtype" in self.fixed else DTYPES
+        stage2 = [sp.make("dtype", d, attn, backend=backend) for d in dtypes if d != first]
+        for t in bench.add(stage2):
+            bench.measure(t)
+        best_dtype = judge.best(stage1 + stage2, margin=STAGE_MARGIN)
+        dtype = best_dtype.config["from_pretrained"]["dtype"] if best_dtype else first
+        if best_dtype:
+            attn = best_dtype.config["from_pretrained"]["attn_implementation"]
+            backend = best_dtype.config["runtime"].get("sdpa_backend")
+        if static_uncompiled:
+            # the uncompiled static cache: on the CPU (transformers compiles on CUDA only), or on
+            # CUDA when compiling failed; same regime as the dynamic runs it is compared with
+            for t in bench.add([sp.make("cache", dtype, attn, backend=backend, cache="static", compile_=False)]):
+                bench.measure(t)
+
+    def baseline_twin(self, baseline: Trial, trials: list[Trial]) -> Trial | None:
+        """transformers 5.x defaults (checkpoint dtype, sdpa, dynamic cache) may equal a candidate."""
+        tv = self.space.facts.package("transformers")
+        if not isinstance(tv, str) or not tv.split(".")[0].isdigit() or int(tv.split(".")[0]) < 5:
+            return None
+        for t in trials:
+            fp = t.config["from_pretrained"]
+            if (fp.get("dtype") == self.space.model.checkpoint_dtype and fp.get("attn_implementation") == "sdpa" and not t.config["runtime"].get("sdpa_backend")
+                    and not t.config["generate"] and fp.get("device_map") in ({"": 0}, "cpu") and t.status == STATUS_OK):
+                return t
+        return None
+
+    # ---- quantization
+    def quantize(self) -> None:
+        sp, bench = self.space, self.bench
+        best_fp = self.judge.best(bench.trials)
+        want = self.quantization == "always" or (self.quantization == "auto" and (self.judge.objective == "memory" or best_fp is None))
+        if not want:
+            self.notes.append("quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
+            return
+        src = best_fp.config["from_pretrained"] if best_fp else {"dtype": sp.half, "attn_implementation": "sdpa"}
+        dtype = src.get("dtype") if src.get("dtype") != "float32" else sp.half
+        attn = src.get("attn_implementation") or "sdpa"
+        for t in bench.add([sp.make("quantization", dtype, attn, quant=q) for q in ("bnb-4bit-nf4", "bnb-4bit-fp4", "bnb-8bit")]):
+            bench.measure(t)
+
+    # ---- placements (several GPUs)
+    def placements(self) -> None:
+        """On several GPUs: the best configuration so far, placed every way that can apply —
+        one GPU, device_map splits (auto; sequential when it differs), tensor parallel over
+        2, 4, ... GPUs (torchrun), CPU offload only when nothing else holds the model."""
+        sp, bench = self.space, self.bench
+        gpus = sp.gpu_indexes()
+        if len(gpus) < 2:
+            return
+        top = self.judge.best([t for t in bench.trials if t.stage not in ("baseline", "placement")])
+        if top is None:
+            self.notes.append("placements not measured: no configuration ran")
+            return
+        fp = {k: v for k, v in top.config["from_pretrained"].items() if k not in ("device_map", "max_memory")}
+        gen, rt = dict(top.config["generate"]), dict(top.config["runtime"])
+        est = sp.estimate({"from_pretrained": fp, "generate": gen})
+        fits_one = sp.fits_one(est) is True
+
+        def cfg(extra: dict[str, Any], launch: str | None = None, generate: dict[str, Any] | None = None) -> dict[str, Any]:
+            return {"from_pretrained": {**fp, **extra}, "generate": dict(gen if generate is None else generate),
+                    "runtime": {**rt, "launch": launch} if launch else dict(rt)}
+
+        split = sp.split_memory(est, gpus)
+        plans: list[Trial] = [sp.trial("placement", cfg({"device_map": {"": 0}}))]
+        plans.append(sp.trial("placement", cfg({"device_map": "auto", "max_memory": split})))
+        balanced = sp.trial("placement", cfg({"device_map": "balanced", "max_memory": split}))
+        balanced.status, balanced.reason = "not measured", ("same placement as device_map=\"auto\": transformers hands every strategy but "
+                                                            "\"sequential\" to accelerate's get_balanced_memory (integrations/accelerate.py, 5.17)")
+        plans.append(balanced)
+        seq = sp.trial("placement", cfg({"device_map": "sequential", "max_memory": split}))
+        if fits_one and seq.status != "dropped":
+            seq.status, seq.reason = "not measured", "same placement as one GPU: sequential fills GPU 0 first and the model fits there"
+        plans.append(seq)
+        k = 2
+        while k <= len(gpus):
+            plans.append(sp.trial("placement", cfg({"distributed_config": {"tp_plan": "auto", "tp_size": k}}, launch=launch_command(k))))
+            k *= 2
+        if not sp.fits_gpus(est):
+            plans.append(sp.trial("placement", cfg({"device_map": "auto", "max_memory": sp.split_memory(est, gpus, offload=True)})))
+        else:
+            self.notes.append("CPU offload not measured: the model fits on the GPUs (offload is the last resort)")
+        if sp.model.num_heads is UNKNOWN or sp.model.num_kv_heads is UNKNOWN:
+            self.notes.append("tensor parallel: head counts unknown, the rules could not check that they divide")
+        for t in bench.add(plans):
+            if t.status == "planned":
+                bench.measure(t)
+            # transformers' compiled static cache may not run on a split or sharded model: measure
+            # the same placement with the dynamic cache rather than lose the placement
+            if t.status not in (STATUS_OK, "dropped", "not measured") and gen.get("cache_implementation") and "out of memory" not in t.reason:
+                plain = sp.trial("placement", cfg(t.config["from_pretrained"], launch=t.config["runtime"].get("launch"), generate={}))
+                for p in bench.add([plain]):
+                    bench.measure(p)
+
+    # ---- the finalists
+    def head_to_head(self) -> None:
+        """The two best, re-measured interleaved in fresh processes unless one leads decisively."""
+        judge = self.judge
+        ranked = sorted((t for t in self.bench.trials if t.status == STATUS_OK and t.stage != "baseline"), key=judge.score, reverse=True)
+        if len(ranked) < 2:
+            return
+        a, b = ranked[:2]
+        factor = DECISIVE["compiled" if regime(a.config, self.space.device) == regime(b.config, self.space.device) == "compiled" else "eager"]
+        if judge.objective == "throughput" and decisive(a, b, factor):
+            self.notes.append(f"finalists not re-measured: {a.label} leads {b.label} by more than {factor:.2f}x and 3x the spread of either")
+            return
+        for _ in range(self.finalist_rounds):
+            for t in (a, b):  # interleaved, in fresh processes
+                self.bench.measure(t)
+
+
+def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:
+    ca, cb = a.ci("decode_tok_s"), b.ci("decode_tok_s")
+    if not ca or not cb:
+        return False
+    spread = max(ca[1] - ca[0], cb[1] - cb[0], 1e-9)
+    return (ca[0] - cb[1]) > 3 * spread and (a.median("decode_tok_s") or 0) > factor * (b.median("decode_tok_s") or 0)

@@ -1,0 +1,289 @@
+"""The candidate space: what a candidate's config looks like, which options exist on this
+machine, and what the rules and the memory estimate say of each before anything is loaded.
+
+Adding an axis (a quantization backend, a compile mode, a decode loop) means: a keyword of
+:func:`candidate_config`, its cost in :func:`simplicity`, and its values in :func:`full_space`
+(which the search and the exhaustive oracle share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+from .config import Candidate, Workload, parse_config
+from .engine import run as run_rules
+from .errors import UserError
+from .facts import UNKNOWN, Facts
+from .memory import GIB, estimate, gpu_budget
+from .model import ModelSpec
+from .trial import Trial
+
+DTYPES = ("bfloat16", "float16", "float32")
+# SDPA backends become options of their own at prompts this long (below it they barely differ)
+LONG_PROMPT = 1024
+
+
+def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
+                     quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None) -> dict[str, Any]:
+    """A candidate as a config dict (the contract's three parts)."""
+    fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    if device_map is not None:
+        fp["device_map"] = device_map
+    if max_memory:
+        fp["max_memory"] = max_memory
+    if quant:
+        q: dict[str, Any] = {"quant_method": "bitsandbytes"}
+        if quant == "bnb-8bit":
+            q["load_in_8bit"] = True
+        else:
+            q.update(load_in_4bit=True, bnb_4bit_quant_type=quant.split("-")[-1], bnb_4bit_compute_dtype=compute or dtype)
+        fp["quantization_config"] = q
+    gen: dict[str, Any] = {}
+    if cache:
+        gen["cache_implementation"] = cache
+        gen["disable_compile"] = not compile_
+    return {"from_pretrained": fp, "generate": gen, "runtime": {"sdpa_backend": backend}}
+
+
+def label_of(cfg: dict[str, Any]) -> str:
+    return parse_config(cfg).label()
+
+
+def simplicity(c: Candidate) -> int:
+    """Lower is simpler: no quantization, no extra package, no forced backend, no compile, one GPU."""
+    s = {"sdpa": 0, "eager": 1, "flex_attention": 2}.get(c.attn_implementation or "sdpa", 3)  # flash_attention_* need a package
+    s += 10 if c.quantization not in (None, "none") else 0
+    s += 2 if c.sdpa_backend else 0
+    s += (1 if c.compile else 3) if c.cache_implementation else 0
+    return s + placement_cost(c)
+
+
+def placement_cost(c: Candidate) -> int:
+    """Placement's share of simplicity: one GPU < a device_map split < tensor parallel (torchrun) < CPU offload."""
+    if c.tensor_parallel:
+        return 4
+    if isinstance(c.max_memory, dict) and "cpu" in c.max_memory:
+        return 8
+    if c.device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return 2
+    return 0
+
+
+def regime(cfg: dict[str, Any], device: str) -> str:
+    """How a candidate's decode runs: "compiled" (static cache, compiled by transformers on CUDA)
+    or "eager" (dynamic cache, or a static one that is not compiled). Measurements from one
+    regime do not rank candidates of the other (docs/PERFORMANCE.md)."""
+    gen = cfg.get("generate") or {}
+    fixed = gen.get("cache_implementation") in ("static", "offloaded_static")
+    return "compiled" if device == "cuda" and fixed and not gen.get("disable_compile") else "eager"
+
+
+def same_candidate(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two configs that load and generate alike (placement keys aside)."""
+    def key(c: dict[str, Any]) -> tuple:
+        fp = {k: v for k, v in (c.get("from_pretrained") or {}).items() if k not in ("device_map", "max_memory")}
+        return (sorted(fp.items(), key=str), sorted((c.get("generate") or {}).items()), (c.get("runtime") or {}).get("sdpa_backend"))
+    return key(a) == key(b)
+
+
+def pinned_axes(fixed: dict[str, str] | None) -> dict[str, str]:
+    """Validate the axes a caller pins instead of searching ({"dtype", "attention", "cache"});
+    the dtype in its canonical spelling. Raises UserError / ConfigError with one line."""
+    from .config import parse_dtype
+
+    out = dict(fixed or {})
+    bad = set(out) - {"dtype", "attention", "cache"}
+    if bad:
+        raise UserError(f"cannot fix {sorted(bad)[0]!r}; fixable axes are dtype, attention, cache")
+    if "dtype" in out:
+        out["dtype"] = parse_dtype(out["dtype"], "dtype")
+    if "attention" in out:
+        parse_config({"attn_implementation": out["attention"]})
+    if out.get("cache") not in (None, "dynamic", "static"):
+        raise UserError("cache must be dynamic or static")
+    return out
+
+
+def preferred(facts: Facts) -> tuple[str, str]:
+    """(device, preferred dtype) for this machine."""
+    gpus = facts.gpus if facts.gpus is not UNKNOWN else ()
+    cuda = bool(gpus) and facts.torch_cuda not in (None, UNKNOWN)
+    if not cuda:
+        flags = (facts.host or {}).get("cpu_flags", []) if isinstance(facts.host, dict) else []
+        return "cpu", "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    ampere = all(g.capability is not None and g.capability.at_least(8) for g in gpus)
+    return "cuda", "bfloat16" if ampere else "float16"
+
+
+def first_gpu_name(facts: Facts) -> Any:
+    """The name of GPU 0, the one results are recorded under (None without a GPU)."""
+    return facts.gpus[0].name if facts.gpus not in (UNKNOWN, ()) and facts.gpus else None
+
+
+def attentions(device: str, workload: Workload, notes: list[str] | None = None) -> list[str]:
+    """The attention implementations worth measuring here (the rules drop the ones that cannot run)."""
+    out = ["sdpa", "eager"]
+    if device == "cuda":
+        out += ["flash_attention_2", "flash_attention_3", "flash_attention_4"]
+        if workload.prompt_len >= 2048:
+            out.append("flex_attention")
+        elif notes is not None:
+            notes.append("flex_attention not measured: it compiles its kernels and only pays off on long prompts (>= 2048)")
+    elif notes is not None:
+        notes.append("flash attention and flex attention not measured on the CPU (CUDA only, or compile-bound there)")
+    return out
+
+
+def attention_options(device: str, workload: Workload, fixed: dict[str, str], notes: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """(attention, SDPA backend) pairs: each implementation, and on CUDA at long prompts each SDPA backend."""
+    attns = [fixed["attention"]] if "attention" in fixed else attentions(device, workload, notes)
+    out: list[tuple[str, str | None]] = [(a, None) for a in attns]
+    if device == "cuda" and workload.prompt_len >= LONG_PROMPT and "sdpa" in attns:
+        out += [("sdpa", b) for b in ("flash", "efficient", "cudnn")]
+    return out
+
+
+def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every unquantized single-device candidate: dtype x attention (x SDPA backend) x cache/compile.
+    The exhaustive oracle measures all of it; the search measures a part chosen by regime."""
+    fixed = fixed or {}
+    dtypes = [fixed["dtype"]] if "dtype" in fixed else list(DTYPES)
+    caches: list[tuple[str | None, bool]] = [(None, True)]
+    if fixed.get("cache") != "dynamic":
+        caches += [("static", True), ("static", False)] if device == "cuda" else [("static", False)]
+    for dtype in dtypes:
+        for attn, backend in attention_options(device, workload, fixed):
+            for cache, comp in caches:
+                yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp)
+
+
+class Space:
+    """What can run here: rules and memory estimate for each candidate, and where it is placed."""
+
+    def __init__(self, model: ModelSpec, facts: Facts, workload: Workload, *, max_memory: dict[str, int] | None = None,
+                 headroom_gib: float = 1.0, fixed: dict[str, str] | None = None) -> None:
+        if headroom_gib < 0:
+            raise UserError("headroom must be >= 0 GiB")
+        self.model, self.facts, self.workload = model, facts, workload
+        self.max_memory = max_memory
+        self.headroom = int(headroom_gib * GIB)
+        self.fixed = pinned_axes(fixed)
+        self.device, self.half = preferred(facts)
+        # the rules and the estimate judge against the user's budget where it is below what is free
+        self.judge_facts = facts
+        if max_memory and facts.gpus not in (UNKNOWN, ()):
+            self.judge_facts = facts.replace(gpus=tuple(
+                dataclasses.replace(g, memory_free_gib=min(max_memory[str(g.index)] / GIB, g.memory_free_gib if isinstance(g.memory_free_gib, (int, float)) else float("inf")))
+                if str(g.index) in max_memory else g for g in facts.gpus))
+
+    def gpu_indexes(self) -> list[int]:
+        return [g.index for g in self.facts.gpus] if self.device == "cuda" else []
+
+    def budget(self, index: int) -> int | None:
+        """Bytes GPU ``index`` may hold: the user's --max-memory, else its free memory."""
+        if self.max_memory and str(index) in self.max_memory:
+            return self.max_memory[str(index)]
+        b = gpu_budget(self.facts, index, Candidate())
+        return None if b is UNKNOWN else b
+
+    def fits_one(self, est: Any) -> bool | None:
+        """Does GPU 0 hold it (None: the estimate or the budget is unknown)?"""
+        budget = self.budget(0)
+        return None if est is UNKNOWN or budget is None else est.total <= budget
+
+    def fits_gpus(self, est: Any) -> bool:
+        """Do the visible GPUs together hold it, each keeping its context and the headroom? (unknown: yes)"""
+        if est is UNKNOWN:
+            return True
+        usable = sum(max((self.budget(i) or 0) - est.overhead - self.headroom, 0) for i in self.gpu_indexes())
+        return est.total - est.overhead <= usable
+
+    def estimate(self, cfg: dict[str, Any], workload: Workload | None = None) -> Any:
+        return estimate(parse_config(cfg, workload=workload or self.workload), self.model, self.facts, on_gpu=self.device == "cuda")
+
+    def placement(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """{"": 0} when GPU 0 holds it (by the estimate), else device_map="auto" with max_memory."""
+        if self.device == "cpu":
+            return {"device_map": "cpu"}
+        est = estimate(parse_config(cfg, workload=self.workload), self.model, self.facts)
+        if self.fits_one(est) is not False:
+            return {"device_map": {"": 0}}
+        return {"device_map": "auto", "max_memory": self.split_memory(est, self.gpu_indexes(), offload=not self.fits_gpus(est))}
+
+    def split_memory(self, est: Any, gpus: list[int], *, offload: bool = False) -> dict[str, str]:
+        """max_memory for a device_map split. accelerate places *weights* up to these numbers, so
+        each GPU keeps back the CUDA context, its share of the KV cache and activations, and the
+        user's headroom; the CPU is named only for offload (the last resort)."""
+        out = {}
+        share = (est.kv_cache + est.activations) / max(len(gpus), 1) if est is not UNKNOWN else 0
+        overhead = est.overhead if est is not UNKNOWN else 0
+        for i in gpus:
+            b = self.budget(i) or 0
+            out[str(i)] = f"{max(b - overhead - share - self.headroom, 0.25 * GIB) / GIB:.2f}GiB"
+        if offload:
+            host = self.facts.host if isinstance(self.facts.host, dict) else {}
+            ram = host.get("ram_available_gib") or host.get("ram_gib")
+            if self.max_memory and "cpu" in self.max_memory:
+                out["cpu"] = f"{self.max_memory['cpu'] / GIB:.2f}GiB"
+            elif ram:
+                out["cpu"] = f"{ram * 0.8:.1f}GiB"
+        return out
+
+    def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
+             compile_: bool = True, quant: str | None = None) -> Trial:
+        base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None)
+        return self.place(stage, base)
+
+    def place(self, stage: str, cfg: dict[str, Any]) -> Trial:
+        """A trial of ``cfg`` with this machine's placement."""
+        cfg = {"from_pretrained": dict(cfg["from_pretrained"]), "generate": dict(cfg.get("generate") or {}), "runtime": dict(cfg.get("runtime") or {})}
+        cfg["from_pretrained"].update(self.placement(cfg))
+        return self.trial(stage, cfg)
+
+    def trial(self, stage: str, cfg: dict[str, Any], label: str | None = None) -> Trial:
+        c = parse_config(cfg, workload=self.workload)
+        t = Trial(label=label or label_of(cfg), stage=stage, config=cfg, simplicity=simplicity(c))
+        self.judge(t)
+        t.simplicity += 1 if t.warnings else 0  # a rule's warning (runs, but emulated or risky) loses ties
+        return t
+
+    def judge(self, t: Trial) -> None:
+        """Rules and the memory estimate, before anything is loaded."""
+        cand = parse_config(t.config, workload=self.workload)
+        res = run_rules(self.judge_facts, cand, self.model)
+        errors = [f for f in res.findings if f.severity == "error"]
+        t.warnings = [f"{f.rule}: {f.message}" for f in res.findings if f.severity == "warning"]
+        est = estimate(cand, self.model, self.facts, on_gpu=self.device == "cuda")
+        if est is not UNKNOWN:
+            t.estimate_gib = round(est.total / GIB, 3)
+        if errors:
+            t.status = "dropped"
+            t.reason = "; ".join(f"{f.rule}: {f.message}" for f in errors)
+
+
+def finish_config(cfg: dict[str, Any], facts: Facts, workload: Workload, objective: str, *, measured: bool,
+                  reasons: list[str] | None = None) -> dict[str, Any]:
+    """The config dict of the contract: the candidate's parts, plus how it was made."""
+    import json
+
+    from . import __version__
+
+    out = json.loads(json.dumps(cfg))
+    out.setdefault("generate", {})
+    rt = out.setdefault("runtime", {})
+    rt.setdefault("sdpa_backend", None)
+    rt["padding_side"] = "left"
+    rt.setdefault("launch", None)
+    out["autotune"] = {
+        "schema": 1,
+        "version": __version__,
+        "objective": objective,
+        "measured": measured,
+        "workload": dataclasses.asdict(workload),
+        "tuned_on": {"facts": facts.fingerprint(), "gpu": first_gpu_name(facts), "torch": facts.package("torch") or None,
+                     "transformers": facts.package("transformers") or None},
+    }
+    if reasons:
+        out["autotune"]["reasons"] = reasons
+    return out

@@ -1,0 +1,100 @@
+"""Exhaustive oracle: a tune as a user runs it, then every candidate of the full space
+(dtype x attention [x SDPA backend at long prompts] x cache/compile) measured five times longer,
+each in a fresh process, and the pick's oracle speed over the oracle's best.
+
+    PYTHONPATH=. python3 benchmarks/oracle.py --shape 1.1b --batch-size 1 --prompt-len 512 --out DIR
+    PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b --batch-size 1 --prompt-len 512 --out DIR --part compiled
+    PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b ... --out DIR --part eager --skip-tune   # the rest, another call
+
+``--part compiled`` measures the compiled candidates (and the screen), ``--part eager`` the
+dynamic-cache and uncompiled static ones, ``all`` both; rows are written to
+``DIR/oracle-<workload>.json`` as they come, so a run cut short keeps what it measured.
+The tune's own report is ``DIR/tune-<workload>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_tune import LLAMA_1_1B, cli, prepare  # noqa: E402
+
+SHAPES = {"1.1b": LLAMA_1_1B, "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--part", choices=["all", "compiled", "eager", "none"], default="all", help="none: only the verdict from files already in --out")
+    ap.add_argument("--skip-tune", action="store_true", help="the tune's report is already in --out")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    name = f"{args.shape}-b{args.batch_size}-p{args.prompt_len}"
+    if args.part == "none":
+        out, model = Path(args.out), Path(f"/tmp/llama-{args.shape}")
+    else:
+        out, model = prepare(args.out, Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
+    wl = ["--batch-size", str(args.batch_size), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    tune_path = out / f"tune-{name}.json"
+    if not args.skip_tune:
+        cli(out, f"tune-{name}", str(model), *wl, "--no-cache")
+    report = json.loads(tune_path.read_text()) if tune_path.is_file() else {}
+
+    from autotune import oracle
+    from autotune.config import Workload
+    from autotune.machine import probe
+    from autotune.runner import ForkRunner
+
+    facts = probe() if args.part != "none" else None
+    workload = Workload(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    path = out / f"oracle-{name}.json"
+    done = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    have = {r["label"] for r in done["rows"] if r.get("status") not in (None, "planned")}
+
+    def keep(t) -> bool:
+        if args.part == "none":
+            return False
+        gen = t.config["generate"]
+        compiled = bool(gen.get("cache_implementation")) and not gen.get("disable_compile")
+        return t.label not in have and (args.part == "all" or (args.part == "compiled") == compiled)
+
+    runner = ForkRunner(timeout_s=600, preload_model_type="llama")
+    todo = [t for t in oracle.candidates(str(model), facts, workload) if keep(t)] if facts else []
+    t0 = time.perf_counter()
+    try:
+        # measure() walks the whole space; here only the part asked for, in the same way
+        for t in todo:
+            rows = oracle.measure_one(str(model), t, workload, runner)
+            done["rows"].append(rows)
+            path.write_text(json.dumps(done, indent=1))
+            print(f"oracle {t.label[:60]:60} {rows['status']:10} {rows.get('decode_tok_s')} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.part in ("all", "compiled") and not any("screen_step_ms" in r for r in done["rows"]):
+            oracle.screen_rows(str(model), facts, workload, runner, done["rows"])
+        # transformers' default, five times longer too
+        if not any(r["label"].startswith("baseline") for r in done["rows"]) and args.part in ("all", "eager"):
+            from autotune.trial import Trial
+
+            base = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline",
+                         config={"from_pretrained": {"device_map": "cuda"}, "generate": {}, "runtime": {}})
+            done["rows"].append(oracle.measure_one(str(model), base, workload, runner))
+    finally:
+        runner.close()
+    done["verdict"] = oracle.ratio(report.get("config") or None, [r for r in done["rows"] if not r["label"].startswith("baseline")])
+    done["screen_vs_runs"] = oracle.rank_agreement(done["rows"])
+    done["tune"] = {"pick": report.get("pick"), "wall_s": report.get("cli_wall_s"), "workload": report.get("workload")}
+    path.write_text(json.dumps(done, indent=1))
+    print(json.dumps({"verdict": done["verdict"], "screen_vs_runs": done["screen_vs_runs"], "tune": done["tune"]}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
