@@ -179,11 +179,11 @@ def tune_text(result: Any) -> str:
         c = result.capacity
         checked = c.get("checked")
         if checked is True:
-            how = "checked by a run"
+            how = "checked by a run" if (c.get("runs") or 1) <= 1 else f"checked by {c['runs']} runs (the estimate did not fit; the largest that ran)"
         elif isinstance(checked, str):
             how = ("check " + checked) if checked.startswith("failed") else "not checked by a run: " + checked
         else:
-            how = "not checked by a run" + ("" if not c.get("checks") else ": the check went out of memory at the estimate and at 90 %")
+            how = "not checked by a run"
         lines.append(f"Capacity of the pick (memory model, calibration x{c.get('calibration')}; {how}): batch up to {c.get('max_batch_size')} "
                      f"at this prompt length; prompt up to {c.get('max_prompt_len')} tokens at this batch size")
     launch = (result.config.get("runtime") or {}).get("launch") if result.config else None

@@ -263,7 +263,10 @@ class Search:
         if judge.objective == "throughput" and decisive(a, b, factor):
             self.notes.append(f"finalists not re-measured: {a.label} leads {b.label} by more than {factor:.2f}x and 3x the spread of either")
             return
-        for _ in range(self.finalist_rounds):
+        # compiled runs are steady within a process (their interval is a fraction of a per cent)
+        # and move ~10 % between processes: one more round each, not two
+        rounds = 1 if factor == DECISIVE["compiled"] else self.finalist_rounds
+        for _ in range(rounds):
             for t in (a, b):  # interleaved, in fresh processes
                 self.bench.measure(t)
 

@@ -64,6 +64,17 @@ class _StepClock:
         return self.torch.zeros(input_ids.shape[0], dtype=self.torch.bool, device=input_ids.device)
 
 
+class _StopAfter:
+    """A stopping criterion that ends generation after ``n`` new tokens."""
+
+    def __init__(self, torch: Any, n: int) -> None:
+        self.torch, self.n, self.calls = torch, n, 0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.torch.full((input_ids.shape[0],), self.calls >= self.n, dtype=self.torch.bool, device=input_ids.device)
+
+
 class _ForceTokens:
     """A logits processor that records the raw logits, then forces a fixed continuation,
     so every candidate is compared on the same token history (padded rows included)."""
@@ -161,17 +172,23 @@ def _wait_for(path: str | None, limit_s: float = 300.0) -> None:
 
 
 def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w: dict[str, Any], spec: dict[str, Any], device: Any) -> dict[str, Any]:
-    """One full-length generate per shape in ``spec["capacity"]``: does it fit, and its peak.
-    A compiled static cache runs uncompiled here: the cache is allocated up front either way,
-    and a compile per shape would cost more than the check."""
+    """One generate per shape in ``spec["capacity"]``: does it fit, and its peak.
+    A static cache runs uncompiled here and stops after two tokens: the cache is allocated for
+    the whole length at the prefill, where the peak is reached, and a compile per shape (or 128
+    decode steps at a batch of thousands) would cost far more than the check. A dynamic cache
+    grows with every token, so it runs the whole length."""
     cuda = torch.cuda.is_available()
     checks = []
     for shape in spec["capacity"]:
         wl = {**w, **shape}
         ids, mask = make_inputs(torch, vocab, wl, spec.get("seed", 0), device)
         kw = {**base, "attention_mask": mask}
-        if kw.get("cache_implementation") in ("static", "offloaded_static"):
+        static = kw.get("cache_implementation") in ("static", "offloaded_static")
+        want = wl["new_tokens"]
+        if static:
             kw["disable_compile"] = True
+            want = min(2, wl["new_tokens"])
+            kw["stopping_criteria"] = [_StopAfter(torch, want)]
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -179,7 +196,9 @@ def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w:
         try:
             with torch.inference_mode():
                 seq = model.generate(ids, **kw)
-            entry["fits"] = seq.shape[1] - ids.shape[1] == wl["new_tokens"]
+            entry["fits"] = seq.shape[1] - ids.shape[1] == want
+            if static:
+                entry["tokens"] = want
         except torch.OutOfMemoryError as e:
             entry["fits"], entry["error"] = False, str(e).splitlines()[0][:200]
         finally:

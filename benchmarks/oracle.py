@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--part", choices=["all", "compiled", "eager", "none"], default="all", help="none: only the verdict from files already in --out")
+    ap.add_argument("--procs", type=int, default=3, help="fresh processes per candidate (compiled ones move ~10 %% between processes)")
     ap.add_argument("--skip-tune", action="store_true", help="the tune's report is already in --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
     try:
         # measure() walks the whole space; here only the part asked for, in the same way
         for t in todo:
-            rows = oracle.measure_one(str(model), t, workload, runner)
+            rows = oracle.measure_one(str(model), t, workload, runner, procs=args.procs)
             done["rows"].append(rows)
             path.write_text(json.dumps(done, indent=1))
             print(f"oracle {t.label[:60]:60} {rows['status']:10} {rows.get('decode_tok_s')} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -86,7 +87,7 @@ def main() -> None:
 
             base = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline",
                          config={"from_pretrained": {"device_map": "cuda"}, "generate": {}, "runtime": {}})
-            done["rows"].append(oracle.measure_one(str(model), base, workload, runner))
+            done["rows"].append(oracle.measure_one(str(model), base, workload, runner, procs=args.procs))
     finally:
         runner.close()
     done["verdict"] = oracle.ratio(report.get("config") or None, [r for r in done["rows"] if not r["label"].startswith("baseline")])

@@ -212,3 +212,20 @@ def test_screen_runs_every_candidate_in_one_process(tmp_path):
     from autotune.quality import compare
 
     assert ref.shape == (1, 4, 256) and compare(ref, half)["top1"] >= 0.5
+
+
+def test_oracle_ratio_on_the_recorded_h100_runs():
+    """The ratio and rank agreement recomputed from what the H100 recorded (docs/gpu)."""
+    import json
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "gpu"
+    tune = json.loads((docs / "h100-v3-tune-1.1b-b1.json").read_text())
+    rows = json.loads((docs / "h100-v3-oracle-1.1b-b1.json").read_text())["rows"]
+    first = json.loads((docs / "h100-v3-oracle-1.1b-b1-first.json").read_text())["rows"]
+    rows += [r for r in first if r["config"]["from_pretrained"].get("dtype") == "float32"]
+    v = oracle.ratio(tune["config"], rows)
+    assert v["pick"] == "bfloat16 sdpa static-cache+compile" and v["oracle_best"] == "float16 sdpa static-cache+compile"
+    assert v["ratio"] == 0.994
+    agree = oracle.rank_agreement(first)
+    assert agree["pairs"] == 15 and agree["kendall_tau"] == 0.6 and agree["screen_best"] == agree["runs_best"]
