@@ -382,21 +382,31 @@ def generate_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return gen
 
 
-def apply_runtime(cfg: Mapping[str, Any]) -> None:
-    """Process-wide settings: the SDPA backend (only the chosen one stays enabled)."""
-    backend = (cfg.get("runtime") or {}).get("sdpa_backend")
-    if not backend:
-        return
+def _sdpa_toggles() -> dict[str, Any]:
     import torch
 
-    toggles = {
+    return {
         "flash": torch.backends.cuda.enable_flash_sdp,
         "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
         "cudnn": torch.backends.cuda.enable_cudnn_sdp,
         "math": torch.backends.cuda.enable_math_sdp,
     }
-    for name, toggle in toggles.items():
+
+
+def apply_runtime(cfg: Mapping[str, Any]) -> None:
+    """Process-wide settings: the SDPA backend (only the chosen one stays enabled)."""
+    backend = (cfg.get("runtime") or {}).get("sdpa_backend")
+    if not backend:
+        return
+    for name, toggle in _sdpa_toggles().items():
         toggle(name == backend)
+
+
+def reset_runtime() -> None:
+    """Undo :func:`apply_runtime`: every SDPA backend enabled (a process that loads several
+    configs in turn, as the tuner's screen does)."""
+    for toggle in _sdpa_toggles().values():
+        toggle(True)
 
 
 def load(model: str | Path, cfg: Mapping[str, Any], *, model_class: Any = None) -> Any:

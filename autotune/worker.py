@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import apply_runtime, from_pretrained_kwargs
+from .config import apply_runtime, from_pretrained_kwargs, reset_runtime
 
 
 def _sync(torch: Any) -> None:
@@ -208,6 +208,34 @@ def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w:
     return {"capacity_checks": checks}
 
 
+def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, int]:
+    """``from_pretrained`` with the config's parts and process-wide runtime settings applied;
+    returns (model, its device, the vocabulary size)."""
+    from transformers import AutoModelForCausalLM
+
+    apply_runtime(cfg)
+    kwargs = from_pretrained_kwargs(cfg)
+    fp = cfg["from_pretrained"]
+    if not torch.cuda.is_available() and "device_map" not in fp and "distributed_config" not in fp:
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    return model, next(model.parameters()).device, vocab
+
+
+def _failure(e: BaseException, limit: int) -> dict[str, Any]:
+    """An exception as a result's fields: its first line, and whether it was out of memory."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    error = text[0][:limit] if text else type(e).__name__
+    return {"error": error, "oom": "out of memory" in error.lower() or type(e).__name__ == "OutOfMemoryError"}
+
+
+def _finite(torch: Any, logits: Any) -> bool:
+    """-inf is legitimate (min_new_tokens masks EOS); NaN or +inf is not."""
+    return not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+
+
 def _forced_logits(torch: Any, model: Any, ids: Any, base: dict[str, Any], vocab: int, steps: int, n_new: int, seed: int,
                    *, keep_length: bool) -> Any:
     """Raw logits of the first ``steps`` steps over a forced, fixed continuation: every
@@ -225,13 +253,6 @@ def _forced_logits(torch: Any, model: Any, ids: Any, base: dict[str, Any], vocab
 
 def _save_logits(torch: Any, logits: Any, path: Path) -> None:
     torch.save(logits.half() if logits.abs().max() < 6e4 else logits, path)
-
-
-def _reset_sdpa(torch: Any) -> None:
-    """Every SDPA backend enabled again (the screen loads candidates with different backends in turn)."""
-    for toggle in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                   torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_math_sdp):
-        toggle(True)
 
 
 def device_time_us(torch: Any, fn: Any) -> float:
@@ -263,8 +284,6 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
     the GPU time per decode step with a static cache, uncompiled — the difference between the
     device time of ``1 + steps`` generated tokens and of 1 (the prefill), over ``steps`` — and
     the forced-token logits of its first steps (a quality reference that costs no extra run)."""
-    from transformers import AutoModelForCausalLM
-
     w = spec["workload"]
     steps = int(spec.get("screen_steps", 32))
     rows = []
@@ -275,16 +294,8 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
             if item.get("fault") == "oom":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
             cfg = item["config"]
-            if torch.cuda.is_available():
-                _reset_sdpa(torch)
-            apply_runtime(cfg)
-            kwargs = from_pretrained_kwargs(cfg)
-            if not torch.cuda.is_available() and "device_map" not in cfg["from_pretrained"]:
-                kwargs["device_map"] = "cpu"
-            model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs)
-            model.eval()
-            device = next(model.parameters()).device
-            vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+            reset_runtime()
+            model, device, vocab = _load(torch, spec["model"], cfg)
             ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
             gen = {**(cfg.get("generate") or {}), "cache_implementation": "static", "disable_compile": True}
             base = dict(attention_mask=mask, do_sample=False, pad_token_id=0, **gen)
@@ -305,13 +316,10 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
             path = out / f"screen-{i:02d}.pt"
             _save_logits(torch, logits, path)
             row["logits"] = str(path)
-            row["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+            row["logits_finite"] = _finite(torch, logits)
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - one candidate's failure is its row, not the screen's
-            text = f"{type(e).__name__}: {e}".strip().splitlines()
-            row["status"] = "error"
-            row["error"] = text[0][:300] if text else type(e).__name__
-            row["oom"] = "out of memory" in row["error"].lower()
+            row.update(status="error", **_failure(e, 300))
         finally:
             model = None
             gc.collect()
@@ -329,10 +337,7 @@ def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
         result.update(_measure(spec, out))
         result["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - every failure is a result, never a crash of the tune
-        text = f"{type(e).__name__}: {e}".strip().splitlines()
-        result["error"] = text[0][:500] if text else type(e).__name__
-        low = result["error"].lower()
-        result["oom"] = "out of memory" in low or type(e).__name__ == "OutOfMemoryError"
+        result.update(_failure(e, 500))
     finally:
         result["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
     name = "result.json" if rank == 0 else f"result.rank{rank}.json"
@@ -344,7 +349,6 @@ def run_candidate(spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
 def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
 
     fault = spec.get("fault")
     if fault == "crash":
@@ -358,24 +362,14 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     rank, local_rank, world = _rank()
     budget = spec.get("memory_budget") or {}
-    if spec.get("screen"):
-        _enforce_budget(torch, budget, world, local_rank)
-        return {"screen": _screen(torch, spec, out)}
     _enforce_budget(torch, budget, world, local_rank)
+    if spec.get("screen"):
+        return {"screen": _screen(torch, spec, out)}
     torch.manual_seed(spec.get("seed", 0))
-    apply_runtime(cfg)
-    kwargs = from_pretrained_kwargs(cfg)
-    fp = cfg["from_pretrained"]
-    if not cuda and "device_map" not in fp and "distributed_config" not in fp:
-        kwargs["device_map"] = "cpu"
-
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs)
-    model.eval()
+    model, device, vocab = _load(torch, spec["model"], cfg)
     _sync(torch)
     load_s = time.perf_counter() - t0
-    device = next(model.parameters()).device
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
     gen = dict(cfg.get("generate") or {})
     n_new = w["new_tokens"]
@@ -467,8 +461,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         logits = torch.randn_like(logits) * 10
     if rank == 0:  # tensor-parallel ranks compute the same (replicated) logits
         _save_logits(torch, logits, out / "logits.pt")
-    # -inf is legitimate (min_new_tokens masks EOS); NaN or +inf is not
-    res["logits_finite"] = not bool(torch.isnan(logits).any() or torch.isposinf(logits).any())
+    res["logits_finite"] = _finite(torch, logits)
     return res
 
 
