@@ -43,7 +43,8 @@ class ResultCache:
         self.hits = 0
 
     def trial_key(self, t: Trial, n: int) -> str:
-        return hashlib.sha256(json.dumps([t.config, n], sort_keys=True).encode()).hexdigest()[:16]
+        """The key of a trial's n-th measurement."""
+        return self.key_of(t.config, n)
 
     def key_of(self, *parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -76,7 +76,7 @@ class Capacity:
             # the largest batch is compute-bound on a CPU: a run there takes minutes to hours
             out["checked"] = "not on the CPU: a run at the largest batch would take far longer than the tune"
         elif check and self.bench.runner is not None and out["max_batch_size"] and out["max_prompt_len"]:
-            out.update(self.check(pick, out))
+            out.update(self.check(pick, out, free))
             fit = out.get("max_batch_size")
             if out.get("checked") is True and fit and fit != out["estimated"]["max_batch_size"]:
                 e = est(fit, w.prompt_len)
@@ -85,7 +85,7 @@ class Capacity:
                     out["calibration_from_check"] = round((free - e.overhead * max(len(used), 1)) / (e.total - e.overhead), 3)
         return out
 
-    def check(self, pick: Trial, cap: dict[str, Any]) -> dict[str, Any]:
+    def check(self, pick: Trial, cap: dict[str, Any], free: int) -> dict[str, Any]:
         """Run the pick at the estimated largest batch and longest prompt (one process for
         both); for a shape that does not fit, search down with real runs for at most
         ``MAX_SEARCH_RUNS`` more: 90 % of it first (the estimate is usually close), then the
@@ -93,7 +93,6 @@ class Capacity:
         geometric middle of what ran and what failed. The figure reported is the largest that ran."""
         w = self.space.workload
         dims = {"max_batch_size": "batch_size", "max_prompt_len": "prompt_len"}
-        free, _ = self.free_bytes(parse_config(pick.config, workload=w))
         budget_gib = free / GIB
         peak0 = pick.gpu_peak_gib()
         # (size, peak GiB) of shapes that ran: the measurement itself, then each check that fitted
@@ -109,7 +108,7 @@ class Capacity:
             shapes = [{"batch_size": w.batch_size, "prompt_len": w.prompt_len, dims[k]: v} for k, v in trying.items()]
             spec = {**self.bench.spec(pick), "capacity": shapes, "fault": None, "label": pick.label + " (capacity check)"}
             key = self.bench.cache.key_of(pick.config, "capacity", shapes) if self.bench.cache else None
-            r = self.bench._run(key, spec)
+            r = self.bench.run_spec(key, spec)
             runs += 1
             checks = r.get("capacity_checks") or []
             out["checks"].extend(checks or [{"error": r.get("error", r.get("status"))}])

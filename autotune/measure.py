@@ -59,6 +59,10 @@ class Bench:
         waiting = sum(1 for t in self.trials if t.status == "planned" and not t.results)
         return done, done + max(waiting, 1)
 
+    def fault(self, label: str) -> str | None:
+        """The failure a test injects into this candidate, if any."""
+        return next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(label, k)), None)
+
     def spec(self, t: Trial) -> dict[str, Any]:
         return {
             "model": self.path,
@@ -72,11 +76,11 @@ class Bench:
             "quality_steps": 4,
             "seed": 0,
             "memory_budget": self.max_memory,
-            "fault": next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(t.label, k)), None),
+            "fault": self.fault(t.label),
             "timeout_s": self.candidate_timeout,
         }
 
-    def _run(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
+    def run_spec(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
         cached = self.cache.get(key) if key and self.cache else None
         if cached is not None:
             return cached
@@ -96,7 +100,7 @@ class Bench:
                 t.status, t.reason = "not measured", f"time budget of {self.time_budget:.0f} s spent"
             return
         key = self.cache.trial_key(t, len(t.results)) if self.cache else None
-        result = self._run(key, self.spec(t))
+        result = self.run_spec(key, self.spec(t))
         t.results.append(result)
         st = result.get("status")
         if st == STATUS_OK:
@@ -118,14 +122,10 @@ class Bench:
         todo = [t for t in trials if t.status != "dropped"]
         if not todo or not self.budget_left():
             return False
-        spec = {"model": self.path, "label": f"screen: {len(todo)} candidates by GPU time per decode step",
-                "workload": dataclasses.asdict(self.workload), "config": todo[0].config, "seed": 0, "nproc": 1, "quality_steps": 4,
-                "memory_budget": self.max_memory, "timeout_s": self.candidate_timeout, "fault": None,
-                "screen": [{"label": t.label, "config": t.config,
-                            "fault": next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(t.label, k)), None)} for t in todo],
-                "screen_steps": SCREEN_STEPS}
+        spec = {**self.spec(todo[0]), "label": f"screen: {len(todo)} candidates by GPU time per decode step", "fault": None,
+                "screen": [{"label": t.label, "config": t.config, "fault": self.fault(t.label)} for t in todo], "screen_steps": SCREEN_STEPS}
         key = self.cache.key_of("screen", [t.config for t in todo], SCREEN_STEPS) if self.cache else None
-        result = self._run(key, spec)
+        result = self.run_spec(key, spec)
         rows = {r.get("label"): r for r in result.get("screen") or []}
         for t in todo:
             r = rows.get(t.label)

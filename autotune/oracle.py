@@ -8,9 +8,10 @@ from typing import Any
 
 from .config import Workload
 from .facts import Facts
+from .measure import Bench
 from .model import read_model
-from .space import Space, full_space, same_candidate
-from .trial import STATUS_OK
+from .space import Space, full_space, regime, same_candidate
+from .trial import STATUS_OK, Trial
 
 # The tune takes 2 timed runs per candidate (3 when they disagree); the oracle five times that.
 ORACLE_REPS = 10
@@ -48,33 +49,19 @@ def measure_one(model_path: str, t: Any, workload: Workload, runner: Any, *, rep
     return row
 
 
-def screen_rows(model_path: str, facts: Facts, workload: Workload, runner: Any, rows: list[dict[str, Any]]) -> None:
-    """The GPU-time screen of every compiled candidate (one process), written into ``rows``."""
-    compiled = [r for r in rows if r.get("status") not in ("dropped", None) and r["config"]["generate"].get("cache_implementation")
-                and not r["config"]["generate"].get("disable_compile")]
+def screen_rows(model_path: str, workload: Workload, runner: Any, rows: list[dict[str, Any]]) -> None:
+    """The tune's GPU-time screen of every compiled candidate (one process), written into ``rows``."""
+    compiled = [Trial(label=r["label"], stage="oracle", config=r["config"]) for r in rows
+                if r.get("status") not in ("dropped", None) and regime(r["config"], "cuda") == "compiled"]
     if not compiled:
         return
-    r = runner.run({"model": model_path, "label": "oracle screen", "config": compiled[0]["config"], "workload": dataclasses.asdict(workload),
-                    "seed": 0, "memory_budget": None, "fault": None, "nproc": 1, "quality_steps": 1,
-                    "screen": [{"label": c["label"], "config": c["config"]} for c in compiled], "screen_steps": 32})
-    by_label = {s.get("label"): s for s in r.get("screen") or []}
+    Bench(model_path, workload, runner=runner).screen(compiled)
+    by_label = {t.label: t.screen for t in compiled}
     for row in rows:
         s = by_label.get(row["label"])
         if s:
             row["screen_step_ms"] = s.get("step_ms")
             row["screen_error"] = s.get("error")
-
-
-def measure(model_path: str, facts: Facts, workload: Workload, runner: Any, *, reps: int = ORACLE_REPS,
-            progress: Any = print) -> list[dict[str, Any]]:
-    """The whole space, one fresh process per candidate, then the screen of the compiled ones."""
-    rows = []
-    for t in candidates(model_path, facts, workload):
-        rows.append(measure_one(model_path, t, workload, runner, reps=reps))
-        progress(f"oracle {t.label[:60]:60} {rows[-1]['status']:10} {rows[-1].get('decode_tok_s')}")
-    if facts.gpus:
-        screen_rows(model_path, facts, workload, runner, rows)
-    return rows
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -73,14 +73,13 @@ def main() -> None:
     todo = [t for t in oracle.candidates(str(model), facts, workload) if keep(t)] if facts else []
     t0 = time.perf_counter()
     try:
-        # measure() walks the whole space; here only the part asked for, in the same way
         for t in todo:
             rows = oracle.measure_one(str(model), t, workload, runner, procs=args.procs)
             done["rows"].append(rows)
             path.write_text(json.dumps(done, indent=1))
             print(f"oracle {t.label[:60]:60} {rows['status']:10} {rows.get('decode_tok_s')} ({time.perf_counter() - t0:.0f} s)", flush=True)
         if args.part in ("all", "compiled") and not any("screen_step_ms" in r for r in done["rows"]):
-            oracle.screen_rows(str(model), facts, workload, runner, done["rows"])
+            oracle.screen_rows(str(model), workload, runner, done["rows"])
         # transformers' default, five times longer too
         if not any(r["label"].startswith("baseline") for r in done["rows"]) and args.part in ("all", "eager"):
             from autotune.trial import Trial

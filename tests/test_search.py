@@ -229,3 +229,14 @@ def test_oracle_ratio_on_the_recorded_h100_runs():
     assert v["ratio"] == 0.994
     agree = oracle.rank_agreement(first)
     assert agree["pairs"] == 15 and agree["kendall_tau"] == 0.6 and agree["screen_best"] == agree["runs_best"]
+
+
+def test_oracle_screen_rows_use_the_tunes_screen(llama):
+    """The oracle screens its compiled rows through the same Bench.screen as the tune."""
+    rows = [{"label": t.label, "config": t.config, "status": t.status} for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD)]
+    runner = RegimeRunner()
+    oracle.screen_rows(str(llama), WORKLOAD, runner, rows)
+    screened = [r for r in rows if "screen_step_ms" in r]
+    assert len(runner.specs) == 1 and runner.specs[0]["screen_steps"] == 32
+    assert len(screened) == 6 and all(compiled(r["config"]) for r in screened)
+    assert min(screened, key=lambda r: r["screen_step_ms"])["label"] == "bfloat16 sdpa static-cache+compile"
