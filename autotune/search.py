@@ -28,6 +28,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
+from .memory import BYTES
 from .space import DTYPES, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
 
@@ -117,8 +118,7 @@ class Search:
         else:
             # no proxy (one candidate, or the screen failed): the roofline prior orders them —
             # fewer bytes per weight first, then the simpler
-            size = {"float32": 4, "float16": 2, "bfloat16": 2}
-            queue = sorted(live, key=lambda t: (size.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity))
+            queue = sorted(live, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity))
             spare = queue[MAX_COMPILED:]
             queue = queue[:MAX_COMPILED]
             for t in spare:

@@ -199,14 +199,15 @@ class Space:
         usable = sum(max((self.budget(i) or 0) - est.overhead - self.headroom, 0) for i in self.gpu_indexes())
         return est.total - est.overhead <= usable
 
-    def estimate(self, cfg: dict[str, Any], workload: Workload | None = None) -> Any:
-        return estimate(parse_config(cfg, workload=workload or self.workload), self.model, self.facts, on_gpu=self.device == "cuda")
+    def estimate(self, cfg: dict[str, Any]) -> Any:
+        """The memory estimate of ``cfg`` at this workload, on this machine's device."""
+        return estimate(parse_config(cfg, workload=self.workload), self.model, self.facts, on_gpu=self.device == "cuda")
 
     def placement(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """{"": 0} when GPU 0 holds it (by the estimate), else device_map="auto" with max_memory."""
         if self.device == "cpu":
             return {"device_map": "cpu"}
-        est = estimate(parse_config(cfg, workload=self.workload), self.model, self.facts)
+        est = self.estimate(cfg)
         if self.fits_one(est) is not False:
             return {"device_map": {"": 0}}
         return {"device_map": "auto", "max_memory": self.split_memory(est, self.gpu_indexes(), offload=not self.fits_gpus(est))}
