@@ -5,6 +5,7 @@ each in a fresh process, and the pick's oracle speed over the oracle's best.
     PYTHONPATH=. python3 benchmarks/oracle.py --shape 1.1b --batch-size 1 --prompt-len 512 --out DIR
     PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b --batch-size 1 --prompt-len 512 --out DIR --part compiled
     PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b ... --out DIR --part eager --skip-tune   # the rest, another call
+    PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b --skip-tune --only '*sdpa static-cache+compile' --procs 3 --out DIR
 
 ``--part compiled`` measures the compiled candidates (and the screen), ``--part eager`` the
 dynamic-cache and uncompiled static ones, ``all`` both; rows are written to
@@ -15,6 +16,7 @@ The tune's own report is ``DIR/tune-<workload>.json``.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--part", choices=["all", "compiled", "eager", "none"], default="all", help="none: only the verdict from files already in --out")
     ap.add_argument("--procs", type=int, default=3, help="fresh processes per candidate (compiled ones move ~10 %% between processes)")
+    ap.add_argument("--only", action="append", default=[], metavar="GLOB", help="measure only candidates whose label matches (repeatable)")
     ap.add_argument("--skip-tune", action="store_true", help="the tune's report is already in --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -63,7 +66,7 @@ def main() -> None:
     have = {r["label"] for r in done["rows"] if r.get("status") not in (None, "planned")}
 
     def keep(t) -> bool:
-        if args.part == "none":
+        if args.part == "none" or (args.only and not any(fnmatch.fnmatchcase(t.label, g) for g in args.only)):
             return False
         gen = t.config["generate"]
         compiled = bool(gen.get("cache_implementation")) and not gen.get("disable_compile")
