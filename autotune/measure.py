@@ -34,6 +34,8 @@ class Bench:
         self.trials: list[Trial] = []
         self.calibration: list[float] = []
         self.start = time.perf_counter()
+        # every run in order: what it was, when it started and how long it took (where the tune's time went)
+        self.timeline: list[dict[str, Any]] = []
 
     # ---- time
     def elapsed(self) -> float:
@@ -83,9 +85,12 @@ class Bench:
     def run_spec(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
         cached = self.cache.get(key) if key and self.cache else None
         if cached is not None:
+            self.timeline.append({"label": spec["label"], "start_s": round(self.elapsed(), 1), "wall_s": 0.0, "cached": True})
             return cached
         self.progress(spec["label"], *self.counts())
+        t0 = self.elapsed()
         result = self.runner.run(spec)
+        self.timeline.append({"label": spec["label"], "start_s": round(t0, 1), "wall_s": round(self.elapsed() - t0, 1), "cached": False})
         if key and self.cache:
             self.cache.put(key, result)
         return result

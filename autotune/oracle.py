@@ -23,30 +23,50 @@ def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[st
     return [space.place("oracle", cfg) for cfg in full_space(space.device, space.half, workload, space.fixed)]
 
 
-def measure_one(model_path: str, t: Any, workload: Workload, runner: Any, *, reps: int = ORACLE_REPS, procs: int = 1) -> dict[str, Any]:
-    """One candidate in ``procs`` fresh processes, ``reps`` timed runs each (all of them: no
-    early stop); its speed is the median of the processes' medians (compiled candidates move
-    ~10 % between processes on an H100, far more than within one)."""
+def _spec(model_path: str, t: Any, workload: Workload, reps: int) -> dict[str, Any]:
+    return {"model": model_path, "label": t.label, "config": t.config, "workload": dataclasses.asdict(workload),
+            "reps": reps, "min_reps": reps, "quality_steps": 1, "seed": 0, "memory_budget": None, "fault": None, "nproc": 1}
+
+
+def measure_all(model_path: str, trials: list[Any], workload: Workload, runner: Any, *, reps: int = ORACLE_REPS, procs: int = 1,
+                on_row: Any = None) -> list[dict[str, Any]]:
+    """Every candidate in ``procs`` fresh processes, ``reps`` timed runs each (all of them: no
+    early stop), in rounds: one process of each candidate per round, so a drift of the machine
+    over minutes (seen on an H100: the same configuration's process medians rose from 265 to 334
+    tok/s over 3 minutes, docs/gpu/h100-v5-noise-1.1b.json) reaches every candidate alike instead
+    of favouring the ones measured last. A candidate's speed is the median of its processes'
+    medians. ``on_row(row)`` is called as each candidate's last process ends."""
     import statistics
 
-    row: dict[str, Any] = {"label": t.label, "config": t.config, "status": t.status, "reason": t.reason}
-    if t.status == "dropped":
-        return row
-    per: list[float] = []
-    for _ in range(procs):
-        r = runner.run({"model": model_path, "label": t.label, "config": t.config, "workload": dataclasses.asdict(workload),
-                        "reps": reps, "min_reps": reps, "quality_steps": 1, "seed": 0, "memory_budget": None, "fault": None, "nproc": 1})
-        row.setdefault("processes", []).append({"status": r.get("status"), "decode_tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
-                                                "compile_s": r.get("compile_s"), "wall_s": r.get("wall_s"), "error": r.get("error"),
-                                                "runs": [x.get("decode_tok_s") for x in r.get("runs", [])]})
-        if r.get("status") != STATUS_OK:
-            row.update(status=r.get("status"), error=r.get("error"))
-            break
-        per.append(r["decode_tok_s"])
-        row.update(gpu_peak_gib=r.get("gpu_peak_gib"), ttft_s=r.get("ttft_s"))
-    if per and len(per) == procs:
-        row.update(status=STATUS_OK, decode_tok_s=statistics.median(per), process_medians=per)
-    return row
+    rows = {t.label: {"label": t.label, "config": t.config, "status": t.status, "reason": t.reason} for t in trials}
+    live = [t for t in trials if t.status != "dropped"]
+    for t in trials:
+        if t.status == "dropped" and on_row:
+            on_row(rows[t.label])
+    for rnd in range(procs):
+        for t in list(live):
+            row = rows[t.label]
+            r = runner.run(_spec(model_path, t, workload, reps))
+            row.setdefault("processes", []).append({"status": r.get("status"), "decode_tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
+                                                    "compile_s": r.get("compile_s"), "wall_s": r.get("wall_s"), "error": r.get("error"),
+                                                    "round": rnd, "runs": [x.get("decode_tok_s") for x in r.get("runs", [])]})
+            if r.get("status") != STATUS_OK:
+                row.update(status=r.get("status"), error=r.get("error"))
+                live.remove(t)
+            else:
+                row.update(gpu_peak_gib=r.get("gpu_peak_gib"), ttft_s=r.get("ttft_s"))
+                if rnd < procs - 1:
+                    continue
+                per = [p["decode_tok_s"] for p in row["processes"]]
+                row.update(status=STATUS_OK, decode_tok_s=statistics.median(per), process_medians=per)
+            if on_row:
+                on_row(row)
+    return [rows[t.label] for t in trials]
+
+
+def measure_one(model_path: str, t: Any, workload: Workload, runner: Any, *, reps: int = ORACLE_REPS, procs: int = 1) -> dict[str, Any]:
+    """One candidate alone (see ``measure_all``)."""
+    return measure_all(model_path, [t], workload, runner, reps=reps, procs=procs)[0]
 
 
 def screen_rows(model_path: str, workload: Workload, runner: Any, rows: list[dict[str, Any]]) -> None:

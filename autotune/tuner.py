@@ -55,6 +55,7 @@ class TuneResult:
     capacity: dict[str, Any] = field(default_factory=dict)
     quality_floor: Any = None
     interrupted: bool = False
+    timeline: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class TuneResult:
             "quality_floor_kl": self.quality_floor,
             "capacity": self.capacity,
             "notes": self.notes,
+            "timeline": self.timeline,
             "trials": [t.to_dict() for t in self.trials],
         }
 
@@ -151,7 +153,7 @@ class Tuner:
         return TuneResult(
             config=config, trials=self.trials, pick=pick, baseline=self.search.baseline, facts=self.facts, model=self.model,
             workload=self.workload, objective=self.objective, wall_s=self.bench.elapsed(), measured=True, notes=self.notes,
-            capacity=capacity, quality_floor=floor, interrupted=interrupted,
+            capacity=capacity, quality_floor=floor, interrupted=interrupted, timeline=self.bench.timeline,
         )
 
 

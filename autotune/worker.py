@@ -208,6 +208,19 @@ def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w:
     return {"capacity_checks": checks}
 
 
+def _pin(cpus: list[int] | None) -> set[int] | None:
+    """Pin this thread (the one that drives the GPU) to ``cpus`` for the timed runs only (the
+    compile's workers, started earlier, keep every core); returns the mask to restore."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, [int(c) for c in cpus])
+    except (OSError, ValueError):
+        return None
+    return before
+
+
 def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, int]:
     """``from_pretrained`` with the config's parts and process-wide runtime settings applied;
     returns (model, its device, the vocabulary size)."""
@@ -411,6 +424,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     min_reps = min(spec.get("min_reps", max_reps), max_reps)
     gc_was = gc.isenabled()
     gc.disable()
+    pinned = _pin(spec.get("pin_cpus"))
     try:
         while len(runs) < max_reps:
             if len(runs) >= min_reps:
@@ -429,6 +443,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     finally:
         if gc_was:
             gc.enable()
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned)
     recompiled = _dynamo_graphs(torch) - graphs_before
     if graphs_before >= 0 and recompiled > 0:
         raise RuntimeError(f"torch.compile recompiled {recompiled} time(s) during the timed runs: timings rejected")

@@ -33,7 +33,7 @@ def build(path: Path, shape: dict | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **(shape or LLAMA_1_1B))
+    cfg = LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 4096, **(shape or LLAMA_1_1B)})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -7,7 +7,8 @@ each in a fresh process, and the pick's oracle speed over the oracle's best.
     PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b ... --out DIR --part eager --skip-tune   # the rest, another call
     PYTHONPATH=. python3 benchmarks/oracle.py --shape 7b --skip-tune --only '*sdpa static-cache+compile' --procs 3 --out DIR
 
-``--part compiled`` measures the compiled candidates (and the screen), ``--part eager`` the
+Candidates are measured in rounds (one process of each per round), so a drift of the machine
+reaches all of them alike. ``--part compiled`` measures the compiled candidates (and the screen), ``--part eager`` the
 dynamic-cache and uncompiled static ones, ``all`` both; rows are written to
 ``DIR/oracle-<workload>.json`` as they come, so a run cut short keeps what it measured.
 The tune's own report is ``DIR/tune-<workload>.json``.
@@ -28,7 +29,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_tune import LLAMA_1_1B, cli, prepare  # noqa: E402
 
-SHAPES = {"1.1b": LLAMA_1_1B, "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)}
+SHAPES = {"1.1b": LLAMA_1_1B, "1.1b-8k": {**LLAMA_1_1B, "max_position_embeddings": 8192},  # 8k: a 4,096-token prompt + new tokens
+          "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)}
 
 
 def main() -> None:
@@ -76,11 +78,13 @@ def main() -> None:
     todo = [t for t in oracle.candidates(str(model), facts, workload) if keep(t)] if facts else []
     t0 = time.perf_counter()
     try:
-        for t in todo:
-            rows = oracle.measure_one(str(model), t, workload, runner, procs=args.procs)
-            done["rows"].append(rows)
+        def on_row(row: dict) -> None:
+            done["rows"].append(row)
             path.write_text(json.dumps(done, indent=1))
-            print(f"oracle {t.label[:60]:60} {rows['status']:10} {rows.get('decode_tok_s')} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"oracle {row['label'][:60]:60} {row['status']:10} {row.get('decode_tok_s')} {row.get('process_medians')} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+        oracle.measure_all(str(model), todo, workload, runner, procs=args.procs, on_row=on_row)
         if args.part in ("all", "compiled") and not any("screen_step_ms" in r for r in done["rows"]):
             oracle.screen_rows(str(model), workload, runner, done["rows"])
         # transformers' default, five times longer too

@@ -240,3 +240,45 @@ def test_oracle_screen_rows_use_the_tunes_screen(llama):
     assert len(runner.specs) == 1 and runner.specs[0]["screen_steps"] == 32
     assert len(screened) == 6 and all(compiled(r["config"]) for r in screened)
     assert min(screened, key=lambda r: r["screen_step_ms"])["label"] == "bfloat16 sdpa static-cache+compile"
+
+
+def test_the_tune_report_says_where_its_time_went(llama):
+    runner = RegimeRunner()
+    r = tuned(llama, runner)
+    timeline = r.to_dict()["timeline"]
+    assert [e["label"] for e in timeline] == [s["label"] for s in runner.specs], "every run, in order"
+    assert any(e["label"].startswith("screen:") for e in timeline) and any(e["label"].startswith("baseline") for e in timeline)
+    assert all(e["wall_s"] >= 0 and not e["cached"] for e in timeline)
+    assert [e["start_s"] for e in timeline] == sorted(e["start_s"] for e in timeline)
+
+
+def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
+    """One process of each candidate per round; a machine that gets faster over time moves
+    every candidate alike, and the median of the process medians keeps the true order."""
+    ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config)]
+    ts = [t for t in ts if t.status != "dropped"][:3] + [t for t in ts if t.status == "dropped"][:1]
+
+    class Drifting(RegimeRunner):
+        def run(self, spec):
+            r = super().run(spec)
+            if r["status"] != "ok":
+                return r
+            drift = 1 + 0.05 * len(self.specs)  # 5 % faster with every process
+            r["runs"] = [{**x, "decode_tok_s": x["decode_tok_s"] * drift} for x in r["runs"]]
+            r["decode_tok_s"] = r["runs"][1]["decode_tok_s"]
+            return r
+
+    runner = Drifting(fail={key(ts[2].config)})
+    seen: list[str] = []
+    rows = oracle.measure_all(str(llama), ts, WORKLOAD, runner, reps=3, procs=3, on_row=lambda row: seen.append(row["label"]))
+    order = [s["label"] for s in runner.specs]
+    assert order == [ts[0].label, ts[1].label, ts[2].label, ts[0].label, ts[1].label, ts[0].label, ts[1].label], "rounds; a failure leaves"
+    assert sorted(seen) == sorted(t.label for t in ts), "every row reported once"
+    by = {r["label"]: r for r in rows}
+    assert by[ts[2].label]["status"] == "error" and len(by[ts[2].label]["processes"]) == 1
+    assert by[ts[3].label]["status"] == "dropped" and "processes" not in by[ts[3].label]
+    a, b = by[ts[0].label], by[ts[1].label]
+    assert len(a["process_medians"]) == 3
+    # measured one after the other, the second (7 % slower, 3 processes later) would come out ahead
+    truth = RegimeRunner().speed(ts[0].config) > RegimeRunner().speed(ts[1].config)
+    assert (a["decode_tok_s"] > b["decode_tok_s"]) == truth
