@@ -29,16 +29,21 @@ def _spec(model_path: str, t: Any, workload: Workload, reps: int) -> dict[str, A
 
 
 def measure_all(model_path: str, trials: list[Any], workload: Workload, runner: Any, *, reps: int = ORACLE_REPS, procs: int = 1,
-                on_row: Any = None) -> list[dict[str, Any]]:
+                on_row: Any = None, on_progress: Any = None, resume: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Every candidate in ``procs`` fresh processes, ``reps`` timed runs each (all of them: no
     early stop), in rounds: one process of each candidate per round, so a drift of the machine
     over minutes (seen on an H100: the same configuration's process medians rose from 265 to 334
     tok/s over 3 minutes, docs/gpu/h100-v5-noise-1.1b.json) reaches every candidate alike instead
     of favouring the ones measured last. A candidate's speed is the median of its processes'
-    medians. ``on_row(row)`` is called as each candidate's last process ends."""
+    medians. ``on_row(row)`` is called as each candidate's last process ends, ``on_progress(row)``
+    after each earlier one (to save a run that may be cut short; ``resume`` maps a label to the
+    processes such a run finished, and the candidate continues from them)."""
     import statistics
 
     rows = {t.label: {"label": t.label, "config": t.config, "status": t.status, "reason": t.reason} for t in trials}
+    for t in trials:  # processes of an earlier, cut-short run of the same candidates
+        if t.status != "dropped" and (resume or {}).get(t.label):
+            rows[t.label]["processes"] = list(resume[t.label])  # type: ignore[index]
     live = [t for t in trials if t.status != "dropped"]
     for t in trials:
         if t.status == "dropped" and on_row:
@@ -46,6 +51,8 @@ def measure_all(model_path: str, trials: list[Any], workload: Workload, runner: 
     for rnd in range(procs):
         for t in list(live):
             row = rows[t.label]
+            if len(row.get("processes", [])) > rnd:
+                continue  # done before
             r = runner.run(_spec(model_path, t, workload, reps))
             row.setdefault("processes", []).append({"status": r.get("status"), "decode_tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
                                                     "compile_s": r.get("compile_s"), "wall_s": r.get("wall_s"), "error": r.get("error"),
@@ -56,6 +63,8 @@ def measure_all(model_path: str, trials: list[Any], workload: Workload, runner: 
             else:
                 row.update(gpu_peak_gib=r.get("gpu_peak_gib"), ttft_s=r.get("ttft_s"))
                 if rnd < procs - 1:
+                    if on_progress:
+                        on_progress(row)
                     continue
                 per = [p["decode_tok_s"] for p in row["processes"]]
                 row.update(status=STATUS_OK, decode_tok_s=statistics.median(per), process_medians=per)

@@ -303,12 +303,14 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
     for i, item in enumerate(spec["screen"]):
         row: dict[str, Any] = {"label": item["label"]}
         model = None
+        t0 = time.perf_counter()
         try:
             if item.get("fault") == "oom":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
             cfg = item["config"]
             reset_runtime()
             model, device, vocab = _load(torch, spec["model"], cfg)
+            row["load_s"] = round(time.perf_counter() - t0, 2)
             ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
             gen = {**(cfg.get("generate") or {}), "cache_implementation": "static", "disable_compile": True}
             base = dict(attention_mask=mask, do_sample=False, pad_token_id=0, **gen)
@@ -318,8 +320,10 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
                     model.generate(ids, **base, max_new_tokens=n, min_new_tokens=n)
 
             run(1 + steps)  # warm-up: allocator, cuBLAS handles, kernels' first launches
+            row["warmup_s"] = round(time.perf_counter() - t0 - row["load_s"], 2)
             prefill = device_time_us(torch, lambda: run(1))
             whole = device_time_us(torch, lambda: run(1 + steps))
+            row["profile_s"] = round(time.perf_counter() - t0 - row["load_s"] - row["warmup_s"], 2)
             row["step_ms"] = max(whole - prefill, 0.0) / steps / 1000
             row["prefill_ms"] = prefill / 1000
             n_q = min(int(spec.get("quality_steps", 4)), w["new_tokens"])
@@ -334,6 +338,7 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
         except Exception as e:  # noqa: BLE001 - one candidate's failure is its row, not the screen's
             row.update(status="error", **_failure(e, 300))
         finally:
+            row["wall_s"] = round(time.perf_counter() - t0, 2)
             model = None
             gc.collect()
             if torch.cuda.is_available():

@@ -80,11 +80,17 @@ def main() -> None:
     try:
         def on_row(row: dict) -> None:
             done["rows"].append(row)
+            done.get("partial", {}).pop(row["label"], None)
             path.write_text(json.dumps(done, indent=1))
             print(f"oracle {row['label'][:60]:60} {row['status']:10} {row.get('decode_tok_s')} {row.get('process_medians')} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        oracle.measure_all(str(model), todo, workload, runner, procs=args.procs, on_row=on_row)
+        def on_progress(row: dict) -> None:  # a run cut short continues from here (same --out)
+            done.setdefault("partial", {})[row["label"]] = row["processes"]
+            path.write_text(json.dumps(done, indent=1))
+
+        oracle.measure_all(str(model), todo, workload, runner, procs=args.procs, on_row=on_row, on_progress=on_progress,
+                           resume=done.get("partial"))
         if args.part in ("all", "compiled") and not any("screen_step_ms" in r for r in done["rows"]):
             oracle.screen_rows(str(model), workload, runner, done["rows"])
         # transformers' default, five times longer too

@@ -61,7 +61,7 @@ class RegimeRunner:
             return {"label": spec["label"], "status": "error", "error": "BackendCompilerFailed: injected"}
         v = self.speed(spec["config"])
         runs = [{"decode_tok_s": v * f, "ttft_s": 0.03, "total_s": 128 / v} for f in (0.995, 1.0, 1.005)]
-        return {"label": spec["label"], "status": "ok", "runs": runs, "load_s": 1.0, "compile_s": 30.0 if compiled(spec["config"]) else 0.0,
+        return {"label": spec["label"], "status": "ok", "runs": runs, "decode_tok_s": v, "load_s": 1.0, "compile_s": 30.0 if compiled(spec["config"]) else 0.0,
                 "gpu_peak_gib": {"0": 1.0}}
 
     def close(self) -> None:
@@ -265,7 +265,7 @@ def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
                 return r
             drift = 1 + 0.05 * len(self.specs)  # 5 % faster with every process
             r["runs"] = [{**x, "decode_tok_s": x["decode_tok_s"] * drift} for x in r["runs"]]
-            r["decode_tok_s"] = r["runs"][1]["decode_tok_s"]
+            r["decode_tok_s"] = r["runs"][1]["decode_tok_s"]  # the median
             return r
 
     runner = Drifting(fail={key(ts[2].config)})
@@ -282,3 +282,17 @@ def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
     # measured one after the other, the second (7 % slower, 3 processes later) would come out ahead
     truth = RegimeRunner().speed(ts[0].config) > RegimeRunner().speed(ts[1].config)
     assert (a["decode_tok_s"] > b["decode_tok_s"]) == truth
+
+
+def test_oracle_run_cut_short_continues_from_its_processes(llama):
+    ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config) and t.status != "dropped"][:2]
+    saved: dict[str, list] = {}
+    first = RegimeRunner()
+    oracle.measure_all(str(llama), ts[:1], WORKLOAD, first, reps=3, procs=1, on_progress=lambda r: saved.update({r["label"]: r["processes"]}))
+    partial = oracle.measure_all(str(llama), ts, WORKLOAD, RegimeRunner(), reps=3, procs=2,
+                                 on_progress=lambda r: saved.update({r["label"]: r["processes"]}))
+    assert set(saved) == {t.label for t in ts}, "each candidate's first process saved before its last"
+    runner = RegimeRunner()
+    rows = oracle.measure_all(str(llama), ts, WORKLOAD, runner, reps=3, procs=2, resume={ts[0].label: saved[ts[0].label]})
+    assert [s["label"] for s in runner.specs] == [ts[1].label, ts[0].label, ts[1].label], "ts[0]'s first process is not run again"
+    assert all(len(r["process_medians"]) == 2 for r in rows) and all(len(r["process_medians"]) == 2 for r in partial)
