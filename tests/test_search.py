@@ -287,10 +287,8 @@ def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
 def test_oracle_run_cut_short_continues_from_its_processes(llama):
     ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config) and t.status != "dropped"][:2]
     saved: dict[str, list] = {}
-    first = RegimeRunner()
-    oracle.measure_all(str(llama), ts[:1], WORKLOAD, first, reps=3, procs=1, on_progress=lambda r: saved.update({r["label"]: r["processes"]}))
     partial = oracle.measure_all(str(llama), ts, WORKLOAD, RegimeRunner(), reps=3, procs=2,
-                                 on_progress=lambda r: saved.update({r["label"]: r["processes"]}))
+                                 on_progress=lambda r: saved.update({r["label"]: list(r["processes"])}))
     assert set(saved) == {t.label for t in ts}, "each candidate's first process saved before its last"
     runner = RegimeRunner()
     rows = oracle.measure_all(str(llama), ts, WORKLOAD, runner, reps=3, procs=2, resume={ts[0].label: saved[ts[0].label]})
