@@ -12,9 +12,13 @@ import signal
 import sys
 import time
 
+from autotune._proc import die_with_parent, kill_group
+
 
 def serve(preload: list[str]) -> None:
     import importlib
+
+    die_with_parent()  # the tune that started this server
 
     for name in preload:
         try:
@@ -34,10 +38,12 @@ def serve(preload: list[str]) -> None:
 
 def _one(req: dict) -> dict:
     out_dir, timeout = req["out_dir"], float(req["timeout"])
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child
         try:
             os.setsid()
+            die_with_parent(server)
             log = os.open(os.path.join(out_dir, "log.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
@@ -51,16 +57,16 @@ def _one(req: dict) -> dict:
             traceback.print_exc()
             code = 1
         os._exit(code)
+    # where the runner finds the child (its own session) to end it with the tune
+    with open(os.path.join(out_dir, "child.pid"), "w") as f:
+        f.write(str(pid))
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
         if time.monotonic() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(pid)
             os.waitpid(pid, 0)
             return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
         time.sleep(0.05)

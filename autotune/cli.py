@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", metavar="IMPL", help="pin attn_implementation (eager, sdpa, flash_attention_2, ...) instead of searching it")
     p.add_argument("--cache", choices=["dynamic", "static"], help="pin the KV cache instead of searching it")
     p.add_argument("--no-capacity-check", action="store_true", help="report capacity from the memory model without the check run")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code (config.json's auto_map); read it first. Recorded in the config")
     p.add_argument("--reps", type=int, default=3, help="timed generate calls per candidate run at most (at least 2 while they agree within 10 %%)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-candidate timeout")
     p.add_argument("--no-cache", action="store_true", help="measure afresh; do not read or write the result cache")
@@ -89,12 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The signal that interrupted the run: SIGTERM is turned into the KeyboardInterrupt that SIGINT
+# raises, so both end the same way (children killed, partial results marked); exit 128 + signal.
+_INTERRUPT = {"signal": 2}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _INTERRUPT["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def interrupted_exit() -> int:
+    return 128 + _INTERRUPT["signal"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
+    import signal
+
+    if argv is None:  # the command line, not a caller's own process
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _dispatch(args)
     except (UserError, RuleFileError) as e:
@@ -102,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("autotune: interrupted", file=sys.stderr)
-        return 130
+        return interrupted_exit()
     except BrokenPipeError:
         return 0
     except Exception as e:  # noqa: BLE001 - a bug: one line unless debugging
@@ -236,13 +256,18 @@ def _tune(args: argparse.Namespace) -> int:
                       objective=args.objective, time_budget=args.time_budget, facts=facts, max_memory=args.max_memory,
                       quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
                       candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
-                      attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check)
+                      attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
+                      trust_remote_code=args.trust_remote_code)
     finally:
         if bar is not None:
             bar.close()
-    if args.output:
+    config = result.config
+    if result.interrupted and config:
+        # the best of what was measured before the interrupt: usable, but say so in the file
+        config = {**config, "autotune": {**(config.get("autotune") or {}), "interrupted": True}}
+    if args.output and (config or not result.interrupted):  # interrupted before any pick: no file
         try:
-            Path(args.output).write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8")
+            Path(args.output).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             raise UserError(f"cannot write {args.output}: {e}") from None
     if args.plot:
@@ -253,4 +278,7 @@ def _tune(args: argparse.Namespace) -> int:
         _print_json(result.to_dict())
     else:
         print(tune_text(result))
+    if result.interrupted:
+        print("autotune: interrupted" + (f"; the config in {args.output} is marked \"interrupted\": true" if args.output and config else ""), file=sys.stderr)
+        return interrupted_exit()
     return 0 if result.config else 1

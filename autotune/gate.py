@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 from .config import Workload, parse_config, read_config
 from .engine import run
 from .facts import Facts, load_facts
-from .model import ModelSpec, read_model
+from .model import ModelSpec, load_problems, read_model
 from .profiles import apply_overrides, load_target
 from .rules import Rule, condition_facts, default_rules, rules_version
 
@@ -59,9 +59,15 @@ def check(
     rule_list = check_rules(rules if rules is not None else default_rules())
     result = run(f, candidate, spec, rules=rule_list, scopes=("candidate", "gpu", "installation"))
     findings = [x.to_dict() for x in result.findings]
+    problems = []
+    if isinstance(model, (str, Path)):  # a folder on this disk: would from_pretrained load it at all?
+        fp = cfg.get("from_pretrained", cfg) if isinstance(cfg, Mapping) else {}
+        problems = load_problems(spec, prompt_len=workload.prompt_len if workload else None, new_tokens=workload.new_tokens if workload else None,
+                                 trust_remote_code=bool(isinstance(fp, Mapping) and fp.get("trust_remote_code")))
+    findings = [p.to_finding() for p in problems] + findings
     return {
         "schema": SCHEMA,
-        "ok": not result.errors,
+        "ok": not result.errors and not problems,
         "rules_version": rules_version(),
         "facts": {"source": f.source, "fingerprint": f.fingerprint()},
         "candidate": candidate.label(),

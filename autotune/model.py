@@ -204,3 +204,120 @@ def model_capabilities(model_type: Any, *, transformers_root: Path | None | Any 
         values = re.findall(rf"^\s+{attr}\s*=\s*(True|False)\b", text, re.M)
         caps[key] = "True" in values  # absent: PreTrainedModel's default, False
     return caps, f"transformers {tver} models/{folder}/modeling_{folder}.py", tver
+
+
+# ---------------------------------------------------------------------------- can it load at all
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.msgpack", "*.h5")
+_SOURCE = "transformers PreTrainedModel.from_pretrained / AutoConfig.for_model (modeling_utils.py, configuration_auto.py)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A reason the model folder cannot be loaded (or the workload cannot run on it), found
+    before any candidate runs. ``id`` is stable; ``trust`` marks the one --trust-remote-code lifts."""
+
+    id: str
+    message: str
+    fix: str
+    trust: bool = False
+
+    def to_finding(self) -> dict[str, Any]:
+        return {"rule": self.id, "severity": "error", "option": "model", "message": self.message, "fix": self.fix, "source": _SOURCE}
+
+
+def known_model_types() -> set[str] | None:
+    """The model types the installed transformers knows, read as text (importing its auto
+    classes takes 2 s): the ``"type": "SomeConfig"`` entries of ``CONFIG_MAPPING_NAMES``
+    (``models/auto/auto_mappings.py`` in 5.x, ``configuration_auto.py`` before) and the
+    folders under ``models/``. None when transformers is not installed."""
+    spec = importlib.util.find_spec("transformers")
+    if not spec or not spec.submodule_search_locations:
+        return None
+    models = Path(spec.submodule_search_locations[0]) / "models"
+    types = {d.name for d in models.iterdir() if d.is_dir() and not d.name.startswith("_")} if models.is_dir() else set()
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        try:
+            text = (models / "auto" / name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        types.update(re.findall(r'\(\s*"([\w.-]+)",\s*"\w+Config"\s*\)', text))
+        types.update(re.findall(r'"([\w.-]+)"\s*:\s*"\w+Config"', text))
+    return types or None
+
+
+def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens: int | None = None,
+                  trust_remote_code: bool = False, known_types: set[str] | None | Any = UNKNOWN) -> list[Problem]:
+    """What stops ``from_pretrained`` on this folder, read from its files in milliseconds:
+    no weights, a truncated or missing shard, an unknown ``model_type``, impossible shapes,
+    custom code (``auto_map``) without ``trust_remote_code``; and a prompt plus new tokens
+    beyond the model's positions."""
+    p = Path(spec.path)
+    out: list[Problem] = []
+    cfg = json.loads((p / "config.json").read_text(encoding="utf-8-sig"))
+    remote = isinstance(cfg.get("auto_map"), dict) and bool(cfg["auto_map"])
+    if remote and not trust_remote_code:
+        out.append(Problem("MODEL-REMOTE-CODE", f"config.json has an auto_map ({', '.join(sorted(cfg['auto_map']))}): the model needs "
+                           "its own Python code from the folder or the hub, which autotune does not run unless told to",
+                           "read that code, then pass --trust-remote-code (trust_remote_code=True); it is recorded in the config", trust=True))
+    weights = [f for g in _WEIGHT_GLOBS for f in p.glob(g)]
+    if not weights:
+        out.append(Problem("MODEL-NO-WEIGHTS", f"{p} has config.json but no weight files ({', '.join(_WEIGHT_GLOBS[:3])}, ...)",
+                           "download or copy the weights into the folder (save_pretrained writes model.safetensors)"))
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            end = max((int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue  # read_model already refused an unreadable header
+        if 8 + n + end > size:
+            out.append(Problem("MODEL-TRUNCATED", f"{f.name} is truncated: its header describes {8 + n + end:,} bytes, the file has {size:,}",
+                               "download the file again (an interrupted copy or download leaves it short)"))
+    for index in sorted(p.glob("*.index.json")):
+        try:
+            wm = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError):
+            out.append(Problem("MODEL-BAD-INDEX", f"{index.name} is not a valid shard index", "download the index file again"))
+            continue
+        missing = sorted({v for v in wm.values() if isinstance(v, str) and not (p / v).is_file()})
+        if missing:
+            out.append(Problem("MODEL-MISSING-SHARD", f"{index.name} names {len(missing)} shard(s) that are not in the folder: {', '.join(missing[:3])}",
+                               "download the missing shards"))
+    mt = cfg.get("model_type")
+    types = known_model_types() if known_types is UNKNOWN else known_types
+    if not isinstance(mt, str) or not mt:
+        if not remote:
+            out.append(Problem("MODEL-UNKNOWN-TYPE", "config.json has no model_type", "a transformers config.json names its model_type (e.g. \"llama\")"))
+    elif types is not None and mt not in types and not remote:
+        import difflib
+
+        near = difflib.get_close_matches(mt, sorted(types), n=1)
+        out.append(Problem("MODEL-UNKNOWN-TYPE", f"model_type {mt!r} is not known to the installed transformers" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                           "upgrade transformers (pip install -U transformers), or fix model_type in config.json"))
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for key in ("num_attention_heads", "hidden_size", "num_hidden_layers", "vocab_size", "num_key_value_heads", "intermediate_size"):
+        v = cfg.get(key, text_cfg.get(key))
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            out.append(Problem("MODEL-BAD-SHAPE", f"config.json: {key} is {v!r}; it must be a whole number >= 1", "fix config.json"))
+    heads, hidden = spec.num_heads, spec.hidden_size
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden > 0 and "head_dim" not in cfg and hidden % heads:
+        out.append(Problem("MODEL-BAD-SHAPE", f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}", "fix config.json"))
+    kv = spec.num_kv_heads
+    if isinstance(heads, int) and isinstance(kv, int) and heads > 0 and kv > 0 and heads % kv:
+        out.append(Problem("MODEL-BAD-SHAPE", f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}", "fix config.json"))
+    if prompt_len is not None and new_tokens is not None and isinstance(spec.max_positions, int) and prompt_len + new_tokens > spec.max_positions:
+        out.append(Problem("WORKLOAD-TOO-LONG", f"prompt {prompt_len} + {new_tokens} new tokens = {prompt_len + new_tokens} positions, "
+                           f"beyond the model's {spec.max_positions} (max_position_embeddings)",
+                           f"ask for at most {spec.max_positions} positions in all (e.g. --prompt-len {max(1, spec.max_positions - new_tokens)})"))
+    return out
+
+
+def require_loadable(spec: ModelSpec, **kw: Any) -> None:
+    """``load_problems`` as one :class:`UserError` line (the first problem, and how many more)."""
+    problems = load_problems(spec, **kw)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s): `autotune check` lists them)" if len(problems) > 1 else ""
+        raise UserError(f"{first.id}: {first.message}; fix: {first.fix}{more}")

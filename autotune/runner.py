@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from ._proc import kill_group
+
 
 class CandidateRunner(Protocol):
     def run(self, spec: dict[str, Any]) -> dict[str, Any]: ...
@@ -54,6 +56,7 @@ class ForkRunner:
         self._hello: threading.Thread | None = None
         self._hello_line: str | None = None
         self._ready_flag = Path(self._tmp.name) / "server-ready"
+        self._current: Path | None = None  # the run folder of the candidate the server is running
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -108,9 +111,13 @@ class ForkRunner:
             try:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 proc.wait()
                 return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
+            except BaseException:  # an interrupt: the run's whole session ends with it
+                kill_group(proc.pid)
+                proc.wait()
+                raise
         if code < 0:
             return {"exit": None, "signal": -code, "timed_out": False}
         return {"exit": code, "signal": None, "timed_out": False}
@@ -145,9 +152,15 @@ class ForkRunner:
         else:
             proc = self._server()
             assert proc.stdin is not None
+            self._current = out
             proc.stdin.write(json.dumps({"spec": spec, "out_dir": str(out), "timeout": timeout}) + "\n")
             proc.stdin.flush()
-            line = self._read(timeout + 60)
+            try:
+                line = self._read(timeout + 60)
+            except BaseException:  # an interrupt: end the candidate (its own session) and the server now
+                self.close_server()
+                raise
+            self._current = None
             reply = json.loads(line) if line else {"exit": None, "signal": None, "timed_out": True, "server_lost": True}
             if line is None:
                 self.close_server()
@@ -165,8 +178,14 @@ class ForkRunner:
         return result
 
     def close_server(self) -> None:
+        if self._current is not None:  # a candidate still running: the server wrote its pid
+            try:
+                kill_group(int((self._current / "child.pid").read_text()))
+            except (OSError, ValueError):
+                pass
+            self._current = None
         if self.proc is not None:
-            _kill_group(self.proc.pid)
+            kill_group(self.proc.pid)
             self.proc.wait()
             self.proc = None
 
@@ -180,14 +199,6 @@ class ForkRunner:
                 self.close_server()
         self.proc = None
         self._tmp.cleanup()
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL a process and everything it started (each run has its own session)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _merge_ranks(out: Path) -> dict[str, Any]:

@@ -169,6 +169,7 @@ class Space:
         self.max_memory = max_memory
         self.headroom = int(headroom_gib * GIB)
         self.fixed = pinned_axes(fixed)
+        self.trust_remote_code = False
         self.device, self.half = preferred(facts)
         # the rules and the estimate judge against the user's budget where it is below what is free
         self.judge_facts = facts
@@ -243,6 +244,8 @@ class Space:
         return self.trial(stage, cfg)
 
     def trial(self, stage: str, cfg: dict[str, Any], label: str | None = None) -> Trial:
+        if self.trust_remote_code:  # the user said so (the model's auto_map); recorded in every config
+            cfg = {**cfg, "from_pretrained": {**cfg["from_pretrained"], "trust_remote_code": True}}
         c = parse_config(cfg, workload=self.workload)
         t = Trial(label=label or label_of(cfg), stage=stage, config=cfg, simplicity=simplicity(c))
         self.judge(t)

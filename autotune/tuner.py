@@ -29,7 +29,7 @@ from .errors import UserError
 from .facts import UNKNOWN, Facts
 from .judge import OBJECTIVES, Judge
 from .measure import Bench
-from .model import ModelSpec, read_model
+from .model import ModelSpec, load_problems, read_model, require_loadable
 from .predict import predict
 from .search import STAGE_MARGIN, Search
 from .space import Space, finish_config, first_gpu_name, pinned_axes, preferred
@@ -97,6 +97,7 @@ class Tuner:
         candidate_timeout: float | None = None,
         headroom_gib: float = 1.0,
         fixed: dict[str, str] | None = None,
+        trust_remote_code: bool = False,
         check_capacity: bool = True,
         model: ModelSpec | None = None,
     ) -> None:
@@ -110,6 +111,7 @@ class Tuner:
         self.model = model if model is not None else read_model(model_path)
         self.facts, self.workload, self.objective = facts, workload, objective
         self.space = Space(self.model, facts, workload, max_memory=max_memory, headroom_gib=headroom_gib, fixed=fixed)
+        self.space.trust_remote_code = trust_remote_code
         self.bench = Bench(self.path, workload, runner=runner, cache=cache, reps=reps, faults=faults, progress=progress,
                            candidate_timeout=candidate_timeout, time_budget=time_budget, max_memory=max_memory)
         self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes)
@@ -222,6 +224,7 @@ def tune(
     attention: str | None = None,
     cache: str | None = None,
     check_capacity: bool = True,
+    trust_remote_code: bool = False,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -242,6 +245,11 @@ def tune(
         path = _from_hub(str(model))
     budget = parse_max_memory(max_memory) if max_memory else None
     if facts is not None and facts.source != "probe":
+        # a prediction needs no weights (config.json is enough), but not an impossible workload
+        too_long = [p for p in load_problems(read_model(path), prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=True,
+                                             known_types=None) if p.id == "WORKLOAD-TOO-LONG"]
+        if too_long:
+            raise UserError(f"{too_long[0].id}: {too_long[0].message}; fix: {too_long[0].fix}")
         result = predict(path, facts, workload, objective)
         return result if report else result.config
     # checked before anything starts: an unknown name is one line
@@ -249,6 +257,8 @@ def tune(
     from .machine import probe
 
     spec = read_model(path)
+    # what stops from_pretrained (or the workload) is found here, in milliseconds, not by every candidate failing
+    require_loadable(spec, prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     own_runner = runner is None
     if own_runner:
@@ -267,7 +277,7 @@ def tune(
         tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
                       max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
                       progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
-                      check_capacity=check_capacity, model=spec)
+                      check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
         tuner.start = t0
         result = tuner.run()
         start_s = getattr(runner, "server_start_s", None)

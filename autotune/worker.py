@@ -491,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        from ._proc import die_with_parent
+
+        die_with_parent()  # a fresh interpreter (or a torchrun rank) ends with the process that started it
     spec = json.loads(Path(args[0]).read_text())
     result = run_candidate(spec, args[1])
     _, _, world = _rank()

@@ -1,0 +1,207 @@
+"""Issue 10: faults a user meets, each handled before it costs a tuning run, with one line and
+the documented exit code; interrupts that leave no process behind and no unmarked config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autotune.errors import UserError
+from autotune.model import known_model_types, load_problems, read_model, require_loadable
+
+from .conftest import ROOT, run_cli, write_json
+
+
+@pytest.fixture()
+def model(tiny_llama, tmp_path) -> Path:
+    """A private copy of the tiny Llama, to break."""
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_llama, dst)
+    return dst
+
+
+def _cfg(folder: Path, **changes) -> None:
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg))
+
+
+def _ids(folder: Path, **kw) -> list[str]:
+    return [p.id for p in load_problems(read_model(folder), **kw)]
+
+
+def test_a_sound_model_has_no_problems(model):
+    assert _ids(model, prompt_len=64, new_tokens=32) == []
+    assert "llama" in known_model_types() and "gpt2" in known_model_types()
+
+
+def test_no_weights(model):
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    assert _ids(model) == ["MODEL-NO-WEIGHTS"]
+
+
+def test_truncated_safetensors(model):
+    (f,) = model.glob("*.safetensors")
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    assert _ids(model) == ["MODEL-TRUNCATED"]
+
+
+def test_unknown_model_type_says_did_you_mean(model):
+    _cfg(model, model_type="lama")
+    (p,) = load_problems(read_model(model))
+    assert p.id == "MODEL-UNKNOWN-TYPE" and "'llama'" in p.message
+
+
+def test_zero_heads(model):
+    _cfg(model, num_attention_heads=0)
+    assert "MODEL-BAD-SHAPE" in _ids(model)
+
+
+def test_remote_code_needs_consent(model):
+    _cfg(model, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    assert _ids(model) == ["MODEL-REMOTE-CODE"]
+    assert _ids(model, trust_remote_code=True) == []
+
+
+def test_workload_beyond_the_positions(model):
+    assert _ids(model, prompt_len=500, new_tokens=12) == []
+    (p,) = load_problems(read_model(model), prompt_len=500, new_tokens=13)
+    assert p.id == "WORKLOAD-TOO-LONG" and "513" in p.message and "512" in p.message
+    with pytest.raises(UserError, match="WORKLOAD-TOO-LONG"):
+        require_loadable(read_model(model), prompt_len=500, new_tokens=13)
+
+
+@pytest.mark.parametrize("breakage", ["no-weights", "truncated", "unknown-type", "zero-heads", "remote-code", "too-long"])
+def test_tune_stops_at_once_and_check_reports_an_error(model, tmp_path, breakage):
+    args = ["--prompt-len", "16", "--new-tokens", "4"]
+    if breakage == "no-weights":
+        for f in model.glob("*.safetensors"):
+            f.unlink()
+    elif breakage == "truncated":
+        (f,) = model.glob("*.safetensors")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # the header intact, the data cut (a cut header: exit 2, unreadable)
+    elif breakage == "unknown-type":
+        _cfg(model, model_type="no-such-model")
+    elif breakage == "zero-heads":
+        _cfg(model, num_attention_heads=0)
+    elif breakage == "remote-code":
+        _cfg(model, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    else:
+        args = ["--prompt-len", "600", "--new-tokens", "4"]
+    env = {"AUTOTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    t0 = time.perf_counter()
+    r = run_cli("tune", str(model), *args, env=env)
+    took = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "cache" / "results").exists() or not any((tmp_path / "cache" / "results").rglob("*.json")), "nothing ran"
+    assert took < 30, "stopped before any candidate (the CLI's own start-up is most of this)"
+    cfg = write_json(tmp_path / "cfg.json", {"dtype": "float32"})
+    extra = ["--prompt-len", "600", "--new-tokens", "4"] if breakage == "too-long" else []
+    c = run_cli("check", str(cfg), "--model", str(model), "--json", *extra)
+    report = json.loads(c.stdout)
+    assert c.returncode == 1 and not report["ok"], c.stdout[-500:]
+    assert any(f["rule"].startswith(("MODEL-", "WORKLOAD-")) and f["severity"] == "error" for f in report["findings"])
+
+
+def test_trust_remote_code_is_passed_on_and_recorded(model):
+    from autotune.tuner import Tuner
+
+    class Runner:
+        specs: list = []
+
+        def run(self, spec):
+            self.specs.append(spec)
+            return {"label": spec["label"], "status": "error", "error": "not run in this test"}
+
+        def close(self):
+            pass
+
+    _cfg(model, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    runner = Runner()
+    from autotune.config import Workload
+
+    Tuner(model, facts=_cpu_facts(), workload=Workload(1, 16, 4), runner=runner,
+          check_capacity=False, trust_remote_code=True).run()
+    assert runner.specs and all(s["config"]["from_pretrained"].get("trust_remote_code") is True for s in runner.specs if "config" in s)
+
+
+def _cpu_facts():
+    from autotune.machine import probe
+
+    return probe()
+
+
+def _autotune_pids(marker: str) -> list[int]:
+    """Processes (other than this one) whose environment carries ``marker``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (d / "environ").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_exits_with_the_signals_code_marks_the_config_and_leaves_no_process(tiny_llama, tmp_path, sig, code):
+    marker = f"AUTOTUNE_TEST_MARKER={tmp_path.name}-{sig}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AUTOTUNE_CACHE_DIR=str(tmp_path / "cache"))
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    out = tmp_path / "cfg.json"
+    p = subprocess.Popen([sys.executable, "-m", "autotune", "tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "256",
+                          "--no-cache", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait until a candidate's process is running (a child of the runner, in its own session)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_autotune_pids(marker)) < 3:
+        time.sleep(0.2)
+    assert len(_autotune_pids(marker)) >= 3, "the tune, its fork server or interpreter, and a candidate"
+    time.sleep(1.0)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err[-1000:]
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _autotune_pids(marker):
+        time.sleep(0.2)
+    assert _autotune_pids(marker) == [], "no child outlives the tune"
+    if out.exists():
+        assert json.loads(out.read_text())["autotune"]["interrupted"] is True
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_children_die_with_a_killed_parent(tiny_llama, tmp_path):
+    marker = f"AUTOTUNE_TEST_MARKER={tmp_path.name}-kill"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AUTOTUNE_CACHE_DIR=str(tmp_path / "cache"))
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    p = subprocess.Popen([sys.executable, "-m", "autotune", "tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "256", "--no-cache"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_autotune_pids(marker)) < 3:
+        time.sleep(0.2)
+    p.kill()  # SIGKILL: no handler runs in the parent
+    p.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _autotune_pids(marker):
+        time.sleep(0.2)
+    assert _autotune_pids(marker) == [], "the parent's death takes its children with it"
