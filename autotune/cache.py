@@ -79,3 +79,21 @@ def model_fingerprint(model: ModelSpec) -> str:
 def cache_dir() -> Path:
     base = os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
     return Path(base)
+
+
+def usable_cache_dir() -> Path:
+    """``cache_dir()``, created if missing; a :class:`UserError` (one line, exit 2) when it is a
+    file, cannot be created, or cannot be written."""
+    import tempfile
+
+    from .errors import UserError
+
+    root = cache_dir()
+    why = "AUTOTUNE_CACHE_DIR" if os.environ.get("AUTOTUNE_CACHE_DIR") else "the cache folder"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{why} {root} is not a writable folder ({e.strerror or e}); point AUTOTUNE_CACHE_DIR at one") from None
+    return root

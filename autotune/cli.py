@@ -189,7 +189,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size or 1, prompt_len=args.prompt_len or 512, new_tokens=args.new_tokens or 128, padding=args.padding
             )
         report = check(
-            read_config(args.config), facts_file=args.facts, target=args.target, overrides=args.overrides, model=args.model, workload=workload
+            read_config(args.config), facts_file=args.facts, target=args.target, overrides=args.overrides, model=args.model, workload=workload,
+            strict=args.strict,
         )
         _print_json(report) if args.json else print(check_text(report))
         return exit_code(report, strict=args.strict)
@@ -225,12 +226,37 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command {cmd!r}")
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def writable_path(path: str, what: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Checked before a tune starts (not after it, when its result would be lost): the folder
+    exists and can be written, the path is not a folder, and its suffix is one we can write."""
+    from pathlib import Path
+
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise UserError(f"{what} {path}: the file name must end in {', '.join(suffixes)}")
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a folder; name a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"{what} {path}: not writable")
+
+
 def _tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .gate import resolve_facts
     from .render import tune_text
     from .tuner import tune
+
+    if args.output:
+        writable_path(args.output, "-o")
+    if args.plot:
+        writable_path(args.plot, "--plot", PLOT_FORMATS)
 
     facts = None
     if args.facts or args.target or args.overrides:

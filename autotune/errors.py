@@ -36,7 +36,7 @@ def read_json_file(path: object, kind: str, error: type[UserError] = UserError) 
 
     p = Path(str(path))
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an error
     except FileNotFoundError:
         raise error(f"{kind} file not found: {p}") from None
     except IsADirectoryError:
@@ -47,3 +47,5 @@ def read_json_file(path: object, kind: str, error: type[UserError] = UserError) 
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise error(f"{p}: JSON nested too deeply to be a {kind}") from None

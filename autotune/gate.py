@@ -47,8 +47,10 @@ def check(
     model: ModelSpec | str | Path | None = None,
     workload: Workload | None = None,
     rules: Iterable[Rule] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Judge ``config`` (a dict or a JSON file) on the facts. Returns the check report dict.
+    """Judge ``config`` (a dict or a JSON file) on the facts. Returns the check report dict;
+    with ``strict``, a rule that could not be evaluated also makes it not ``ok``.
 
     Raises :class:`~autotune.errors.UserError` for unusable input (exit code 2 in the CLI).
     """
@@ -67,7 +69,8 @@ def check(
     findings = [p.to_finding() for p in problems] + findings
     return {
         "schema": SCHEMA,
-        "ok": not result.errors and not problems,
+        "ok": not result.errors and not problems and not (strict and result.not_evaluated),
+        "strict": strict,
         "rules_version": rules_version(),
         "facts": {"source": f.source, "fingerprint": f.fingerprint()},
         "candidate": candidate.label(),

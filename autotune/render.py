@@ -86,7 +86,10 @@ def doctor_text(report: Mapping[str, Any]) -> str:
 
 
 def check_text(report: Mapping[str, Any]) -> str:
-    lines = [f"Checked {report['candidate']} against {report['facts']['source']}: " + ("OK" if report["ok"] else "FAILS")]
+    verdict = "OK" if report["ok"] else "FAILS"
+    if report.get("strict") and not report["ok"] and report["not_evaluated"] and not any(f["severity"] == "error" for f in report["findings"]):
+        verdict += f" (--strict: {len(report['not_evaluated'])} rule(s) could not be evaluated)"
+    lines = [f"Checked {report['candidate']} against {report['facts']['source']}: " + verdict]
     for f in sorted(report["findings"], key=lambda f: ("error", "warning", "info").index(f["severity"])):
         where = f" (GPU {f['gpu']})" if "gpu" in f else ""
         lines.append(f"  {_SEV[f['severity']]} {f['rule']}{where}")

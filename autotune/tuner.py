@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache import ResultCache, cache_dir, model_fingerprint
+from .cache import usable_cache_dir, ResultCache, cache_dir, model_fingerprint
 from .capacity import Capacity
 from .config import Workload, parse_max_memory
 from .errors import UserError
@@ -162,7 +162,7 @@ class Tuner:
 # ---------------------------------------------------------------------------- the public call
 def default_model(root: Path | None = None) -> Path:
     """A small random Llama, built locally (no network) and kept in the cache."""
-    folder = (root or cache_dir() / "models") / "random-llama-22m"
+    folder = (root or usable_cache_dir() / "models") / "random-llama-22m"
     if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
         return folder
     import torch
@@ -175,11 +175,15 @@ def default_model(root: Path | None = None) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    if folder.exists():  # built meanwhile by another process
+    try:
+        model.save_pretrained(tmp)
+        if folder.exists():  # built meanwhile by another process
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except OSError as e:  # a full disk, a read-only folder: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+        raise UserError(f"cannot save the default model in {folder.parent} ({e.strerror or e}); free some space or point AUTOTUNE_CACHE_DIR elsewhere") from None
     return folder
 
 
@@ -234,11 +238,19 @@ def tune(
     ``dtype`` / ``attention`` / ``cache`` pin an axis instead of searching it; ``headroom_gib``
     is kept free on each GPU when a device_map split is derived.
     """
+    import math
+
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens), ("reps", reps)):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"{name} must be a whole number >= 1, found {v!r}")
-    if time_budget is not None and time_budget <= 0:
-        raise UserError("time_budget must be positive (seconds)")
+    for name, v, least in (("time_budget", time_budget, 0), ("candidate_timeout", candidate_timeout, 0),
+                           ("min_throughput", min_throughput, None), ("headroom_gib", headroom_gib, None)):
+        if v is None:
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (v <= 0 if least == 0 else v < 0):
+            raise UserError(f"{name} must be a finite number {'> 0' if least == 0 else '>= 0'}, found {v!r}")
+    if use_cache or model is None:
+        usable_cache_dir()
     workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
     path = Path(model) if model is not None else default_model()
     if not path.exists():

@@ -205,3 +205,49 @@ def test_children_die_with_a_killed_parent(tiny_llama, tmp_path):
     while time.monotonic() < deadline and _autotune_pids(marker):
         time.sleep(0.2)
     assert _autotune_pids(marker) == [], "the parent's death takes its children with it"
+
+
+@pytest.mark.parametrize("args", [
+    ["--time-budget", "nan"], ["--timeout", "0"], ["--min-throughput", "-3"], ["--headroom", "inf"],
+    ["-o", "/nonexistent/cfg.json"], ["--plot", "out.txt"], ["--plot", "/nonexistent/p.png"], ["-o", "."],
+])
+def test_bad_arguments_and_output_paths_are_refused_before_the_tune(tiny_llama, tmp_path, args):
+    t0 = time.perf_counter()
+    r = run_cli("tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "4", *args, env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")}, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "internal error" not in r.stderr and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "c" / "results").exists(), "refused before anything ran"
+
+
+def test_cache_dir_that_is_a_file_is_a_user_error(tiny_llama, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for env in ({"AUTOTUNE_CACHE_DIR": str(f)}, {"AUTOTUNE_CACHE_DIR": str(f / "sub")}):
+        r = run_cli("tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "4", env=env)
+        assert r.returncode == 2 and "AUTOTUNE_CACHE_DIR" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_json_nested_too_deeply_and_a_byte_order_mark(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    r = run_cli("check", str(deep), "--target", "h100-80gb")
+    assert r.returncode == 2 and "nested too deeply" in r.stderr, r.stderr
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"dtype": "bfloat16"}).encode())
+    r = run_cli("check", str(bom), "--target", "h100-80gb")
+    assert r.returncode in (0, 1), r.stderr
+
+
+def test_check_strict_prints_the_verdict_its_exit_code_gives(tmp_path):
+    cfg = write_json(tmp_path / "c.json", {"dtype": "bfloat16", "attn_implementation": "sdpa"})
+    facts = json.loads(run_cli("probe", "--json").stdout)
+    facts["packages"]["transformers"] = None  # rules that need it cannot be evaluated
+    ff = write_json(tmp_path / "facts.json", facts)
+    plain = run_cli("check", str(cfg), "--facts", str(ff), "--json")
+    strict = run_cli("check", str(cfg), "--facts", str(ff), "--json", "--strict")
+    rp, rs = json.loads(plain.stdout), json.loads(strict.stdout)
+    assert rs["not_evaluated"], "the facts leave something unevaluated"
+    assert (rp["ok"], plain.returncode == 0) == (True, True) or not rp["ok"]
+    assert rs["ok"] is False and strict.returncode == 1 and rs["strict"] is True
+    text = run_cli("check", str(cfg), "--facts", str(ff), "--strict")
+    assert "FAILS" in text.stdout.splitlines()[0] and text.returncode == 1
