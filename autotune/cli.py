@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", metavar="IMPL", help="pin attn_implementation (eager, sdpa, flash_attention_2, ...) instead of searching it")
     p.add_argument("--cache", choices=["dynamic", "static"], help="pin the KV cache instead of searching it")
     p.add_argument("--no-capacity-check", action="store_true", help="report capacity from the memory model without the check run")
+    p.add_argument("--wait", type=float, default=900.0, metavar="SECONDS",
+                   help="when another tune is measuring on this machine, wait at most this long for it (0: refuse at once; default 900)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model's own Python code (config.json's auto_map); read it first. Recorded in the config")
     p.add_argument("--reps", type=int, default=3, help="timed generate calls per candidate run at most (at least 2 while they agree within 10 %%)")
@@ -253,6 +255,8 @@ def _tune(args: argparse.Namespace) -> int:
     from .render import tune_text
     from .tuner import tune
 
+    if args.wait < 0 or args.wait != args.wait:
+        raise UserError(f"--wait must be a number of seconds >= 0, found {args.wait}")
     if args.output:
         writable_path(args.output, "-o")
     if args.plot:
@@ -283,7 +287,8 @@ def _tune(args: argparse.Namespace) -> int:
                       quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
                       candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
                       attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, wait=args.wait,
+                      say=lambda msg: print(f"autotune: {msg}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:
             bar.close()

@@ -409,16 +409,23 @@ def reset_runtime() -> None:
         toggle(True)
 
 
-def load(model: str | Path, cfg: Mapping[str, Any], *, model_class: Any = None) -> Any:
-    """Load ``model`` with every part of ``cfg`` applied; returns the model.
+def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class: Any = None) -> Any:
+    """Load ``model`` with every part of ``cfg`` (a config dict, or the JSON file ``tune -o``
+    wrote) applied; returns the model.
 
     ``generate`` options go into ``model.generation_config`` so a plain ``model.generate``
     uses them. A config whose ``runtime.launch`` names a multi-process launch raises
-    :class:`UserError` with the command, unless this process is one of those it starts.
+    :class:`UserError` with the command, unless this process is one of those it starts. A
+    model that is neither a local folder nor reachable on the hub fails in seconds
+    (:class:`UserError`), not after transformers' retries.
     """
     import os
 
+    if isinstance(cfg, (str, Path)):
+        cfg = read_config(cfg)
     parse_config(cfg)  # validates, raises ConfigError with one line
+    if not Path(str(model)).exists():
+        hub_reachable(str(model))
     launch = (cfg.get("runtime") or {}).get("launch")
     if launch and "WORLD_SIZE" not in os.environ:
         raise UserError(f"this config runs as several processes; start it with: {launch}")
@@ -429,3 +436,22 @@ def load(model: str | Path, cfg: Mapping[str, Any], *, model_class: Any = None) 
     for key, value in generate_kwargs(cfg).items():
         setattr(m.generation_config, key, value)
     return m
+
+
+def hub_reachable(name: str, timeout_s: float = 5.0) -> None:
+    """A :class:`UserError` unless ``name`` looks like a hub id and the hub answers for it within
+    ``timeout_s`` (offline, transformers would spend about 50 s in retries before failing)."""
+    import os
+    import re
+
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise UserError(f"model folder not found: {name}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"model folder not found: {name} (and HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+    try:
+        from huggingface_hub import model_info
+
+        model_info(name, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - offline, missing repo, auth: one line
+        raise UserError(f"model folder not found: {name}, and the hub did not answer for it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None

@@ -36,6 +36,8 @@ class Bench:
         self.start = time.perf_counter()
         # every run in order: what it was, when it started and how long it took (where the tune's time went)
         self.timeline: list[dict[str, Any]] = []
+        # runs the worker saw disturbed by other work on the machine (not cached; noted)
+        self.contended: list[str] = []
 
     # ---- time
     def elapsed(self) -> float:
@@ -91,7 +93,9 @@ class Bench:
         t0 = self.elapsed()
         result = self.runner.run(spec)
         self.timeline.append({"label": spec["label"], "start_s": round(t0, 1), "wall_s": round(self.elapsed() - t0, 1), "cached": False})
-        if key and self.cache:
+        if result.get("contention"):
+            self.contended.append(f"{spec['label']}: {result['contention']}")
+        elif key and self.cache:  # a run taken while something else loaded the machine is never reused
             self.cache.put(key, result)
         return result
 
@@ -106,6 +110,9 @@ class Bench:
             return
         key = self.cache.trial_key(t, len(t.results)) if self.cache else None
         result = self.run_spec(key, self.spec(t))
+        over = self.over_host_budget(result)
+        if over:
+            result = {**result, "status": "error", "oom": True, "error": over}
         t.results.append(result)
         st = result.get("status")
         if st == STATUS_OK:
@@ -119,6 +126,18 @@ class Bench:
             t.reason = result.get("error", "")
             if result.get("oom"):
                 t.reason = "out of memory: " + t.reason
+
+    def over_host_budget(self, result: dict[str, Any]) -> str | None:
+        """--max-memory cpu=... on a run that used no GPU: a process cannot be capped in RAM
+        without breaking torch (its address space is far larger than what it uses), so the
+        budget is held to after the run: a peak resident size beyond it fails the candidate."""
+        budget = (self.max_memory or {}).get("cpu")
+        peak = result.get("host_peak_gib")
+        if budget is None or result.get("status") != STATUS_OK or result.get("gpu_peak_gib") or not isinstance(peak, (int, float)):
+            return None
+        if peak * GIB > budget:
+            return f"used {peak:.2f} GiB of RAM at its peak, beyond --max-memory cpu={budget / GIB:.2f}GiB"
+        return None
 
     def screen(self, trials: list[Trial]) -> bool:
         """The cheap proxy for the compiled regime, for every trial in one process: the GPU

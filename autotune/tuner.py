@@ -26,6 +26,7 @@ from .cache import usable_cache_dir, ResultCache, cache_dir, model_fingerprint
 from .capacity import Capacity
 from .config import Workload, parse_max_memory
 from .errors import UserError
+from .lock import MeasureLock
 from .facts import UNKNOWN, Facts
 from .judge import OBJECTIVES, Judge
 from .measure import Bench
@@ -151,6 +152,9 @@ class Tuner:
                 interrupted = True
                 self.notes.append("interrupted during the capacity check: capacity is from the memory model only")
                 capacity = cap.run(pick, check=False)
+        if self.bench.contended:
+            self.notes.append(f"{len(self.bench.contended)} run(s) shared the machine with other work and are not cached "
+                              f"(their figures may be low): {self.bench.contended[0]}")
         config = finish_config(pick.config, self.facts, self.workload, self.objective, measured=True) if pick else {}
         return TuneResult(
             config=config, trials=self.trials, pick=pick, baseline=self.search.baseline, facts=self.facts, model=self.model,
@@ -229,6 +233,8 @@ def tune(
     cache: str | None = None,
     check_capacity: bool = True,
     trust_remote_code: bool = False,
+    wait: float | None = 900.0,
+    say: Callable[[str], None] | None = None,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -236,7 +242,9 @@ def tune(
     candidate's measurements. With ``facts`` describing another machine (a target profile or
     a facts file), nothing can be measured: the result is a prediction, ``measured: false``.
     ``dtype`` / ``attention`` / ``cache`` pin an axis instead of searching it; ``headroom_gib``
-    is kept free on each GPU when a device_map split is derived.
+    is kept free on each GPU when a device_map split is derived. Measuring holds a lock per
+    machine: another tune measuring here is waited for, at most ``wait`` seconds (None: no
+    limit; 0: refuse at once), ``say`` told why.
     """
     import math
 
@@ -283,15 +291,25 @@ def tune(
         here = facts or probe()
         if own_runner and not candidate_timeout and not (here.gpus not in (UNKNOWN, ()) and here.gpus):
             runner.timeout_s = 300.0
-        cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}") if use_cache else None
-        if own_runner and cache is not None:
-            runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
-        tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
-                      max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
-                      progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
-                      check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
-        tuner.start = t0
-        result = tuner.run()
+        device = "cuda" if here.gpus not in (UNKNOWN, ()) and here.gpus else "cpu"
+        visible = {str(g.index) for g in here.gpus} if device == "cuda" else set()
+        unseen = sorted(k for k in (budget or {}) if k.isdigit() and k not in visible)
+        if unseen:
+            raise UserError(f"--max-memory names GPU {', '.join(unseen)}, but " + (f"the visible GPUs are {', '.join(sorted(visible))}" if visible
+                            else "no GPU is visible here") + " (CUDA ordinals, after CUDA_VISIBLE_DEVICES)")
+        with MeasureLock(usable_cache_dir(), device, wait_s=wait, say=say) as lock:
+            # the cache is read inside the lock: what another tune measured meanwhile is seen
+            cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}") if use_cache else None
+            if own_runner and cache is not None:
+                runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
+            tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
+                          max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
+                          progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
+                          check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
+            tuner.start = t0 + lock.waited_s
+            result = tuner.run()
+        if lock.waited_s >= 1:
+            result.notes.append(f"waited {lock.waited_s:.0f} s for another tune to finish measuring on this machine")
         start_s = getattr(runner, "server_start_s", None)
         if isinstance(start_s, (int, float)):
             result.notes.append(f"fork server ready after {start_s:.1f} s (imports of torch and transformers, overlapped with probing and the first candidate)")
@@ -304,4 +322,6 @@ def tune(
         result.notes.append(f"{cache.hits} measurement(s) reused from the cache ({cache.path}); --no-cache to measure afresh")
     if result.pick is None:
         result.notes.append("no candidate worked: see each trial's reason")
+    if model is None:
+        result.notes.insert(0, f"no model given: tuned the built-in default, a small random Llama at {path} (built locally, no network)")
     return result if report else result.config

@@ -133,6 +133,20 @@ def gpu_state() -> list[dict[str, Any]] | None:
         return [{"error": f"{type(e).__name__}: {e}"[:200]}]
 
 
+def cpu_contention() -> str | None:
+    """Why a CPU measurement may be wrong, or None: the 1-minute load average beyond this run's
+    own share and every core (another tune, a build, a browser). It lags by up to a minute, so it
+    catches sustained contention, the kind that spoils a whole tune."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load - 1 > cores:
+        return f"the CPU was busy with other work while it ran (load {load:.1f} on {cores} cores)"
+    return None
+
+
 def _rank() -> tuple[int, int, int]:
     """(rank, local rank, world size) under torchrun; (0, 0, 1) otherwise."""
     env = os.environ
@@ -469,6 +483,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     res["compile_s"] = max(0.0, first_s - res["total_s"]) if compiled else 0.0
     res.update(_peaks(torch, cuda))
     res["gpu_state"] = gpu_state() if cuda and rank == 0 else None
+    if not cuda:
+        res["contention"] = cpu_contention()
     res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")

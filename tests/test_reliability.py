@@ -251,3 +251,97 @@ def test_check_strict_prints_the_verdict_its_exit_code_gives(tmp_path):
     assert rs["ok"] is False and strict.returncode == 1 and rs["strict"] is True
     text = run_cli("check", str(cfg), "--facts", str(ff), "--strict")
     assert "FAILS" in text.stdout.splitlines()[0] and text.returncode == 1
+
+
+def test_a_second_tune_waits_for_the_first_or_refuses(tmp_path):
+    """The lock, held by another process: with --wait 0 the second tune refuses in one line;
+    with a wait it says why it waits, then gives up when the wait is over."""
+    from autotune.lock import MeasureLock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from autotune.lock import MeasureLock\n"
+        "with MeasureLock(%r, 'cpu'):\n"
+        "    print('held', flush=True); time.sleep(60)\n") % (str(ROOT), str(tmp_path))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {"AUTOTUNE_CACHE_DIR": str(tmp_path)}
+        r = run_cli("tune", "--wait", "0", "--no-cache", env=env)
+        assert r.returncode == 2 and "another tune" in r.stderr and f"pid {holder.pid}" in r.stderr, r.stderr
+        said: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="another tune"):
+            with MeasureLock(tmp_path, "cpu", wait_s=1.5, say=said.append):
+                pass
+        assert 1.5 <= time.monotonic() - t0 < 10 and said and "waiting for another tune" in said[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    with MeasureLock(tmp_path, "cpu", wait_s=0) as lock:  # released with its holder's death
+        assert lock.waited_s < 1
+
+
+def test_a_run_on_a_busy_machine_is_not_cached(tiny_llama, tmp_path):
+    from autotune.config import Workload
+    from autotune.measure import Bench
+    from autotune.trial import Trial
+
+    class Busy:
+        def run(self, spec):
+            return {"label": spec["label"], "status": "ok", "runs": [{"decode_tok_s": 1.0}], "contention": "the CPU was busy (test)"}
+
+    class Cache:
+        puts: list = []
+
+        def get(self, key):
+            return None
+
+        def put(self, key, result):
+            self.puts.append(key)
+
+        def trial_key(self, t, n):
+            return f"{t.label}/{n}"
+
+    cache = Cache()
+    bench = Bench(str(tiny_llama), Workload(1, 16, 4), runner=Busy(), cache=cache)
+    t = Trial(label="x", stage="s", config={"from_pretrained": {"dtype": "float32"}, "generate": {}, "runtime": {}})
+    bench.measure(t)
+    assert cache.puts == [] and bench.contended and "busy" in bench.contended[0]
+
+
+def test_max_memory_for_an_invisible_gpu_is_refused(tiny_llama, tmp_path):
+    r = run_cli("tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "4", "--max-memory", "0=20GiB",
+                env={"AUTOTUNE_CACHE_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "no GPU is visible" in r.stderr, r.stderr
+
+
+def test_max_memory_cpu_is_held_to(tiny_llama):
+    from autotune.config import Workload, parse_max_memory
+    from autotune.measure import Bench
+    from autotune.trial import Trial
+
+    class Ran:
+        def run(self, spec):
+            return {"label": spec["label"], "status": "ok", "runs": [{"decode_tok_s": 10.0}], "host_peak_gib": 0.6}
+
+    for budget, ok in (("cpu=1KiB", False), ("cpu=64GiB", True)):
+        bench = Bench(str(tiny_llama), Workload(1, 16, 4), runner=Ran(), max_memory=parse_max_memory(budget))
+        t = Trial(label="x", stage="s", config={"from_pretrained": {"dtype": "float32"}, "generate": {}, "runtime": {}})
+        bench.measure(t)
+        assert (t.status == "ok") == ok, t.reason
+        if not ok:
+            assert "beyond --max-memory cpu=" in t.reason and t.reason.startswith("out of memory")
+
+
+def test_load_takes_the_config_file_and_fails_fast_offline(tiny_llama, tmp_path):
+    import autotune
+
+    cfg = write_json(tmp_path / "tuned.json", {"from_pretrained": {"dtype": "float32", "device_map": "cpu"}, "generate": {}, "runtime": {}})
+    m = autotune.load(tiny_llama, cfg)
+    assert str(next(m.parameters()).dtype) == "torch.float32"
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="model folder not found: no-such-org/no-such-model"):
+        autotune.load("no-such-org/no-such-model", cfg)
+    assert time.perf_counter() - t0 < 20, "no hub retries"
+    with pytest.raises(UserError, match="model folder not found"):
+        autotune.load(str(tmp_path / "missing" / "dir"), cfg)
