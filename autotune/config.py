@@ -152,7 +152,7 @@ def parse_max_memory(value: Any, where: str = "max_memory") -> dict[str, int]:
         if k.startswith("cuda:"):
             k = k[5:]
         if not (k.isdigit() or k in ("cpu", "disk", "mps")):
-            raise ConfigError(f"{where}: key {key!r} is not a GPU ordinal, 'cpu' or 'disk')")
+            raise ConfigError(f"{where}: key {key!r} is not a GPU ordinal, 'cpu' or 'disk'")
         if k in out:
             raise ConfigError(f"{where}: device {k!r} is given twice")
         out[k] = parse_size(size, f"{where}[{key!r}]")

@@ -183,6 +183,13 @@ class Context:
                 return list(self.candidate.legacy)
             if rest == "unjudged":
                 return list(self.candidate.unjudged)
+            if rest == "misspelt":  # unjudged keys one typo away from a key autotune knows
+                import difflib
+
+                from .config import _JUDGED
+
+                hits = ((k, difflib.get_close_matches(k, sorted(_JUDGED), n=1, cutoff=0.8)) for k in self.candidate.unjudged)
+                return [f"{k!r} (did you mean {m[0]!r}?)" for k, m in hits if m]
             if rest == "compile":
                 return self.candidate.compile
             if rest == "max_memory_keys":
@@ -224,6 +231,7 @@ class Context:
                 if f.gpus is not UNKNOWN:
                     visible = {g.index for g in f.gpus}
                     d["missing_gpus"] = [i for i in used if i not in visible]
+                    d["visible_gpus"] = sorted(visible)
                     mm = c.max_memory or {}
                     d["max_memory_unknown_gpus"] = [k for k in mm if k.isdigit() and int(k) not in visible]
             d["offload"] = isinstance(c.device_map, dict) and any(str(v) in ("cpu", "disk") for v in c.device_map.values())

@@ -44,15 +44,20 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
 
 def load_target(spec: str) -> Facts:
     """Facts for a target such as ``a100-80gb``, ``2xh100`` or ``t4+a100-80gb``."""
-    parts = [p for p in spec.split("+") if p.strip()]
+    raw = spec.split("+")
+    parts = [p for p in raw if p.strip()]
     if not parts:
         raise UserError("empty target name")
+    if len(parts) != len(raw):
+        raise UserError(f"target {spec!r}: an empty part around '+' (combine as t4+a100-80gb)")
     gpus: list[GPU] = []
     first: dict[str, Any] | None = None
     names = []
     for part in parts:
         m = re.fullmatch(r"\s*(?:(\d+)x)?(.+?)\s*", part)
         count = int(m.group(1)) if m and m.group(1) else 1
+        if count < 1:
+            raise UserError(f"target {spec!r}: {count}x names no GPU (use 1x or more)")
         real, prof = _resolve(m.group(2) if m else part)
         names.append(f"{count}x{real}" if count > 1 else real)
         first = first or prof

@@ -10,7 +10,8 @@ _SEV = {"error": "error  ", "warning": "warning", "info": "info   "}
 
 
 def _wrap(text: str, indent: int) -> str:
-    return textwrap.fill(text, width=100, initial_indent=" " * indent, subsequent_indent=" " * indent)
+    # rule IDs (INST-NVML-ERROR) and paths stay whole: break at spaces only
+    return textwrap.fill(text, width=100, initial_indent=" " * indent, subsequent_indent=" " * indent, break_on_hyphens=False, break_long_words=False)
 
 
 def facts_lines(facts: Mapping[str, Any]) -> list[str]:
