@@ -170,7 +170,16 @@ def tune_text(result: Any) -> str:
         lines.append("(* the pick; peak is GPU memory on a GPU, host RSS on the CPU; est is autotune's estimate)")
     if result.pick is not None and result.baseline is not None and result.baseline.status == "ok" and result.measured:
         b, p = result.baseline.median("decode_tok_s"), result.pick.median("decode_tok_s")
-        if b and p:
+        if result.objective == "memory":  # the objective's own figure first: peak memory
+            def peak(t: Any) -> Any:
+                g = t.gpu_peak_gib()
+                return g if g is not None else t.metric("host_peak_gib")
+
+            bm, pm = peak(result.baseline), peak(result.pick)
+            if bm and pm:
+                lines.append(f"Pick vs transformers' defaults: peak {pm:.2f} vs {bm:.2f} GiB ({pm / bm:.2f}x)"
+                             + (f"; decoding {p:.1f} vs {b:.1f} tok/s" if b and p else ""))
+        elif b and p:
             lines.append(f"Pick vs transformers' defaults: {p:.1f} vs {b:.1f} tok/s ({p / b:.2f}x)")
     gpus_seen = sorted({k for t in result.trials for r in t.results if r.get("status") == "ok" for k in (r.get("gpu_peak_gib") or {})})
     if len(gpus_seen) > 1:

@@ -327,3 +327,11 @@ def test_flex_attention_is_never_a_finalist_on_its_screen_alone(tmp_path):
     screened = next(s for s in runner.specs if s.get("screen"))["screen"]
     assert not any("flex" in s["label"] for s in screened), "flex compiles its kernels even in the screen: not screened"
     assert "float16 flex_attention static-cache+compile" not in timed, "one flex candidate is enough"
+
+
+def test_progress_counts_only_rise(llama):
+    seen: list[tuple[int, int]] = []
+    tuned(llama, RegimeRunner(), progress=lambda label, done, total: seen.append((done, total)))
+    assert len(seen) >= 4
+    assert [d for d, _ in seen] == list(range(len(seen))), "one more run each time (screen and capacity runs count)"
+    assert all(d < t for d, t in seen)
