@@ -117,6 +117,13 @@ def gpu_budget(facts: Facts, index: int, candidate: Candidate) -> Any:
     return UNKNOWN
 
 
+def _weights_format(candidate: Candidate, load_dtype: Any) -> str:
+    """How the weights are stored: the bitsandbytes format where the config quantizes (the layers
+    it skips stay in the load dtype), else the load dtype."""
+    q = {"bnb-8bit": "bitsandbytes 8-bit", "bnb-4bit": f"bitsandbytes 4-bit {candidate.bnb_4bit_quant_type or 'fp4'}"}.get(str(candidate.quantization))
+    return f"{q} (the layers it skips in {load_dtype})" if q else str(load_dtype)
+
+
 def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[int]) -> dict[str, Any]:
     """The ``mem.*`` facts the memory rules read."""
     est = estimate(candidate, model, facts, on_gpu=bool(gpus_used))
@@ -127,6 +134,9 @@ def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[in
         "weights_gib": est.gib(est.weights),
         "kv_cache_gib": est.gib(est.kv_cache),
         "load_dtype": est.load_dtype,
+        # what the weights are stored as: the quantization where there is one, else the dtype
+        "weights_format": _weights_format(candidate, est.load_dtype),
+        "overhead_what": "the CUDA context" if gpus_used else "the runtime's own memory",
     }
     if not gpus_used:
         host = facts.host if isinstance(facts.host, dict) else {}

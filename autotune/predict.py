@@ -61,7 +61,8 @@ def predict(model_path: str | Path, facts: Facts, workload: Workload, objective:
             reasons.append(f"attention: {attn} (the first of flash_attention_3 > flash_attention_2 > sdpa > eager that the rules allow here)")
             reasons.append(f"dtype: {dtype} ({'bf16 needs compute capability 8.0' if device == 'cuda' else 'CPU'})")
             break
-        reasons.append(f"not {attn} in {dtype}: {t.reason[:160]}")
+        first, *rest = t.errors or [t.reason]  # the most fundamental first (space.judge orders them), whole
+        reasons.append(f"not {attn} in {dtype}: {first}" + (f" (and {len(rest)} more: `autotune check` lists them)" if rest else ""))
     if chosen is None:
         raise UserError("no configuration passes the rules on these facts; run `autotune doctor` with them")
     cfg = chosen.config

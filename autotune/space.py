@@ -256,14 +256,17 @@ class Space:
         """Rules and the memory estimate, before anything is loaded."""
         cand = parse_config(t.config, workload=self.workload)
         res = run_rules(self.judge_facts, cand, self.model)
-        errors = [f for f in res.findings if f.severity == "error"]
+        # what the hardware cannot do first: an install does not lift it (FA2 on a T4 is
+        # "needs Ampere" before "flash-attn is not installed")
+        errors = sorted((f for f in res.findings if f.severity == "error"), key=lambda f: "-ARCH" not in f.rule)
         t.warnings = [f"{f.rule}: {f.message}" for f in res.findings if f.severity == "warning"]
         est = estimate(cand, self.model, self.facts, on_gpu=self.device == "cuda")
         if est is not UNKNOWN:
             t.estimate_gib = round(est.total / GIB, 3)
         if errors:
             t.status = "dropped"
-            t.reason = "; ".join(f"{f.rule}: {f.message}" for f in errors)
+            t.errors = [f"{f.rule}: {f.message}" for f in errors]
+            t.reason = "; ".join(t.errors)
 
 
 def finish_config(cfg: dict[str, Any], facts: Facts, workload: Workload, objective: str, *, measured: bool,

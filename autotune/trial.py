@@ -19,6 +19,7 @@ class Trial:
     status: str = "planned"  # planned / dropped / ok / wrong / error / crashed / timeout / not measured
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the rules' errors that dropped it, the most fundamental first
     estimate_gib: Any = None
     results: list[dict[str, Any]] = field(default_factory=list)
     quality: dict[str, Any] = field(default_factory=dict)

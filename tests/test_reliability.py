@@ -345,3 +345,31 @@ def test_load_takes_the_config_file_and_fails_fast_offline(tiny_llama, tmp_path)
     assert time.perf_counter() - t0 < 20, "no hub retries"
     with pytest.raises(UserError, match="model folder not found"):
         autotune.load(str(tmp_path / "missing" / "dir"), cfg)
+
+
+def test_mem_fit_names_the_weights_format_and_the_devices_overhead(tmp_path):
+    from autotune.config import Workload
+    from autotune.gate import check
+
+    folder = tmp_path / "m70b"
+    folder.mkdir()
+    write_json(folder / "config.json", {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                                        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+                                        "max_position_embeddings": 8192, "torch_dtype": "bfloat16"})
+    spec = read_model(folder)
+    r = check({"dtype": "bfloat16", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "device_map": {"": 0}}, target="t4", model=spec)
+    msg = next(f["message"] for f in r["findings"] if f["rule"] == "MEM-FIT")
+    assert "bitsandbytes 4-bit nf4" in msg and "CUDA context" in msg
+    r = check({"dtype": "bfloat16", "device_map": "cpu"}, target="cpu", model=spec, workload=Workload(64, 8000, 100))
+    msg = next(f["message"] for f in r["findings"] if f["rule"] == "MEM-FIT")
+    assert "weights in bfloat16," in msg and "CUDA" not in msg and "CPU RAM" in msg
+
+
+def test_prediction_reasons_are_whole_and_the_architecture_comes_first(tiny_llama):
+    from autotune.profiles import load_target
+    from autotune.tuner import tune
+
+    r = tune(tiny_llama, facts=load_target("t4"), report=True, prompt_len=64, new_tokens=16)
+    fa2 = next(n for n in r.notes if n.startswith("not flash_attention_2"))
+    assert "ATTN-FA2-ARCH" in fa2 and "ATTN-FA2-MISSING" not in fa2 and "more: `autotune check` lists them" in fa2
+    assert fa2.split("ATTN-FA2-ARCH: ")[1].split(" (and ")[0].endswith("."), "the message is whole, not cut mid-word"
