@@ -83,7 +83,48 @@ def doctor_text(report: Mapping[str, Any]) -> str:
     deep = sorted({r["rule"] for r in inst["not_evaluated"]})
     if deep:
         lines.append(_wrap(f"Not evaluated without --deep (or unknown in these facts): {', '.join(deep)}", 2))
+    if isinstance(report["facts"].get("deep"), dict):
+        lines.append("")
+        lines.extend(deep_lines(report["facts"]["deep"]))
     return "\n".join(lines)
+
+
+def deep_lines(deep: Mapping[str, Any]) -> list[str]:
+    """What ``--deep`` found by importing (in a subprocess): torch and its GPUs, each SDPA
+    backend, the optional packages, bitsandbytes' native library."""
+    if deep.get("status") not in (None, "ok"):
+        return [_wrap(f"Deep checks: {deep.get('status')}: {deep.get('error', '')}", 0)]
+    out = ["Deep checks (imports, in a subprocess)"]
+    t = deep.get("torch") or {}
+    if t:
+        if t.get("import") is False:
+            out.append(_wrap(f"torch: does not import: {t.get('error', '')}", 2))
+        else:
+            gpus = ", ".join(f"{d.get('index')}: {d.get('name')} sm{str(d.get('capability', '')).replace('.', '')}" for d in t.get("devices") or [])
+            out.append(_wrap(f"torch {t.get('version')}: CUDA build {t.get('cuda_build') or 'none'}, CUDA available {t.get('cuda_available')}, "
+                             f"{t.get('device_count', 0)} GPU(s){': ' + gpus if gpus else ''}", 2))
+    sdpa = deep.get("sdpa") or {}
+    if sdpa:
+        runs = [k for k, v in sdpa.items() if isinstance(v, dict) and v.get("ok")]
+        fails = {k: v.get("error", "") for k, v in sdpa.items() if isinstance(v, dict) and v.get("ok") is False}
+        out.append(_wrap(f"SDPA backends on {sdpa.get('device', '?')}: run: {', '.join(runs) or 'none'}"
+                         + (f"; do not run: {', '.join(fails)}" if fails else ""), 2))
+        for k, err in fails.items():
+            out.append(_wrap(f"{k}: {err}", 4))
+    imports = deep.get("imports") or {}
+    if imports:
+        state = {True: "imports", False: "FAILS to import", None: "not installed"}
+        out.append(_wrap("packages: " + ", ".join(f"{k} {state.get(v.get('ok'), v.get('ok'))}" for k, v in imports.items()), 2))
+        for k, v in imports.items():
+            if v.get("ok") is False:
+                out.append(_wrap(f"{k}: {v.get('error', '')}", 4))
+    bnb = deep.get("bitsandbytes_native")
+    if isinstance(bnb, dict) and bnb:
+        out.append(_wrap(f"bitsandbytes native library: {'loads' if bnb.get('ok') else 'does not load'}"
+                         + (f" (backend {bnb['backend']})" if bnb.get("backend") else "") + (f": {bnb['error']}" if bnb.get("error") else ""), 2))
+    if "transformers_sees_torch" in deep:
+        out.append(f"  transformers sees torch: {deep['transformers_sees_torch']}")
+    return out
 
 
 def check_text(report: Mapping[str, Any]) -> str:

@@ -373,3 +373,9 @@ def test_prediction_reasons_are_whole_and_the_architecture_comes_first(tiny_llam
     fa2 = next(n for n in r.notes if n.startswith("not flash_attention_2"))
     assert "ATTN-FA2-ARCH" in fa2 and "ATTN-FA2-MISSING" not in fa2 and "more: `autotune check` lists them" in fa2
     assert fa2.split("ATTN-FA2-ARCH: ")[1].split(" (and ")[0].endswith("."), "the message is whole, not cut mid-word"
+
+
+def test_doctor_deep_shows_its_findings_in_text():
+    r = run_cli("doctor", "--deep")
+    assert r.returncode in (0, 1), r.stderr
+    assert "Deep checks (imports, in a subprocess)" in r.stdout and "SDPA backends on" in r.stdout and "torch " in r.stdout
