@@ -245,6 +245,14 @@ class Context:
                 d["gqa_without_mask"] = self.model.gqa and not d["padding"]
             heads = self.model.num_heads if self.model is not None else UNKNOWN
             kv = self.model.num_kv_heads if self.model is not None else UNKNOWN
+            if self.model is not None:
+                # output widths of the Linear layers bitsandbytes quantizes (q/k/v/o, MLP)
+                m = self.model
+                widths = {m.hidden_size, m.intermediate_size,
+                          heads * m.head_dim if isinstance(heads, int) and isinstance(m.head_dim, int) else UNKNOWN,
+                          kv * m.head_dim if isinstance(kv, int) and isinstance(m.head_dim, int) else UNKNOWN}
+                if all(isinstance(x, int) for x in widths):
+                    d["linear_widths_off_32"] = sorted(x for x in widths if x % 32)
             if f.gpus is not UNKNOWN and f.gpus:
                 d["tp_size"] = (c.tp_size or len(f.gpus)) if c.tensor_parallel else None
                 d["tp_exceeds_gpus"] = d["tp_size"] is not None and d["tp_size"] > len(f.gpus)
@@ -349,7 +357,7 @@ def run(
     return result
 
 
-_MODEL_DERIVED = {"derived.gqa_without_mask", "derived.heads_divide_gpus", "derived.load_dtype"}
+_MODEL_DERIVED = {"derived.gqa_without_mask", "derived.heads_divide_gpus", "derived.load_dtype", "derived.linear_widths_off_32"}
 
 
 def _apply(rule: Rule, ctx: Context, result: Result, unknown_needs: list[str], gpu: GPU | None) -> None:
