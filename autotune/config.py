@@ -200,6 +200,9 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         fp = cfg["from_pretrained"]
         if not isinstance(fp, Mapping):
             raise ConfigError("from_pretrained: expected an object of from_pretrained keyword arguments")
+        # the seeds' legacy flag, written where users put everything else (not a from_pretrained keyword)
+        fp_tb = fp.get("to_bettertransformer", False)
+        fp = {k: v for k, v in fp.items() if k != "to_bettertransformer"}
         gen = cfg.get("generate") or {}
         rt = cfg.get("runtime") or {}
         meta = cfg.get("autotune") or {}
@@ -209,6 +212,7 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
     else:
         fp = {k: v for k, v in cfg.items() if k not in ("to_bettertransformer",)}
         gen, rt, meta = {}, {}, {}
+        fp_tb = False
     legacy: list[str] = []
     kw: dict[str, Any] = {}
 
@@ -299,7 +303,7 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         nproc = launch_nproc(rt["launch"])
         if nproc is not None:
             kw.setdefault("tp_size", nproc)
-    tb = cfg.get("to_bettertransformer", rt.get("to_bettertransformer", False))
+    tb = cfg.get("to_bettertransformer", rt.get("to_bettertransformer", fp_tb))
     if tb:
         legacy.append("to_bettertransformer")
         kw["to_bettertransformer"] = _bool(tb, "to_bettertransformer")

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from packaging.version import Version
 
 from .config import Candidate
-from .facts import UNKNOWN, GPU, Facts
+from .facts import GPU, UNKNOWN, Facts, parse_version
 from .memory import fit, load_dtype
 from .model import ModelSpec
 from .rules import Rule, Unknown, condition_facts, default_rules, evaluate, render
@@ -210,9 +210,12 @@ class Context:
         f, c = self.facts, self.candidate
         d: dict[str, Any] = {"cuda_tag": _cuda_tag(_dig(f.driver, "cuda"))}
         tv = f.package("transformers")
-        d["transformers_major"] = Version(tv).major if isinstance(tv, str) else tv
+        tvp = parse_version(tv)
+        d["transformers_major"] = tvp.major if tvp else (tv if not isinstance(tv, str) else UNKNOWN)
         torch_v = f.package("torch")
-        d["torch_public"] = Version(torch_v).public if isinstance(torch_v, str) else torch_v
+        tp = parse_version(torch_v)
+        d["torch_public"] = tp.public if tp else (torch_v if not isinstance(torch_v, str) else UNKNOWN)
+        d["unparsed_versions"] = f.unparsed_versions()
         d["driver_vs_torch_cuda"] = _driver_vs_torch(_dig(f.driver, "cuda"), f.torch_cuda)
         if f.gpus is not UNKNOWN:
             d["mixed_gpus"] = len({(g.name, g.compute_capability) for g in f.gpus}) > 1
@@ -239,7 +242,7 @@ class Context:
             d["padding"] = c.workload.padding and c.workload.batch_size > 1
             d["load_dtype"] = load_dtype(c, self.model, tv)
             d["quantized"] = c.quantization != "none"
-            d["attn_effective"] = c.attn_implementation or ("sdpa" if isinstance(tv, str) and Version(tv) >= Version("4.36") else UNKNOWN)
+            d["attn_effective"] = c.attn_implementation or ("sdpa" if tvp and tvp >= Version("4.36") else UNKNOWN)
             if self.model is not None and self.model.gqa is not UNKNOWN:
                 # transformers passes enable_gqa to SDPA only when there is no mask to pass
                 d["gqa_without_mask"] = self.model.gqa and not d["padding"]

@@ -156,10 +156,12 @@ class Facts:
         v = self.package(name)
         if v is None or v is UNKNOWN:
             return v
-        try:
-            return Version(v)
-        except InvalidVersion:
-            return UNKNOWN
+        parsed = parse_version(v)
+        return UNKNOWN if parsed is None else parsed
+
+    def unparsed_versions(self) -> list[str]:
+        """Installed packages whose version text is not PEP 440 ("name 'text'")."""
+        return [f"{k} {v!r}" for k, v in sorted(self.packages.items()) if isinstance(v, str) and parse_version(v) is None]
 
     @property
     def gpu_count(self) -> Any:
@@ -236,11 +238,8 @@ class Facts:
         for name, ver in packages.items():
             if ver is not None and not isinstance(ver, str):
                 raise FactsError(f"{where}: packages.{name}: expected a version string or null, found {ver!r}")
-            if isinstance(ver, str):
-                try:
-                    Version(ver)
-                except InvalidVersion:
-                    raise FactsError(f"{where}: packages.{name}: {ver!r} is not a valid version") from None
+            # a version that is not PEP 440 (a source build's own label) is kept as written:
+            # installed, version unknown (rule FACTS-VERSION-UNPARSED says so; version rules go unevaluated)
         kw["packages"] = {_norm(k): v for k, v in packages.items()}
         if "torch_cuda" in data:
             tc = data["torch_cuda"]
@@ -320,3 +319,13 @@ def _link_from(raw: Any, where: str) -> Link:
 def load_facts(path: str | Path) -> Facts:
     """Read a facts file. Every problem with it is a :class:`FactsError` with one clear line."""
     return Facts.from_dict(read_json_file(path, "facts", FactsError), where=str(path))
+
+
+def parse_version(text: Any) -> Version | None:
+    """``Version(text)``, or None when it is not PEP 440 (or not a string)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None

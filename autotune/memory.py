@@ -11,10 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from packaging.version import Version
 
 from .config import Candidate
-from .facts import UNKNOWN, Facts
+from .facts import UNKNOWN, Facts, parse_version
 from .model import ModelSpec
 
 GIB = 1024**3
@@ -44,7 +43,8 @@ def load_dtype(candidate: Candidate, model: ModelSpec | None, transformers: Any)
     by default (4.x: float32; 5.x: the checkpoint's dtype, like ``dtype="auto"``)."""
     d = candidate.dtype
     if d in (None, "auto"):
-        major = Version(transformers).major if isinstance(transformers, str) else UNKNOWN
+        parsed = parse_version(transformers)
+        major = parsed.major if parsed else UNKNOWN
         if d is None and major is UNKNOWN:
             return UNKNOWN
         if d is None and major < 5:

@@ -379,3 +379,25 @@ def test_doctor_deep_shows_its_findings_in_text():
     r = run_cli("doctor", "--deep")
     assert r.returncode in (0, 1), r.stderr
     assert "Deep checks (imports, in a subprocess)" in r.stdout and "SDPA backends on" in r.stdout and "torch " in r.stdout
+
+
+def test_a_version_that_is_not_pep440_is_installed_version_unknown(tmp_path):
+    facts = json.loads(run_cli("probe", "--json").stdout)
+    facts["packages"]["torch"] = "main"
+    facts["packages"]["transformers"] = "4.40.0.custom-build"
+    ff = write_json(tmp_path / "facts.json", facts)
+    cfg = write_json(tmp_path / "c.json", {"dtype": "bfloat16"})
+    r = run_cli("check", str(cfg), "--facts", str(ff), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    info = next(f for f in report["findings"] if f["rule"] == "FACTS-VERSION-UNPARSED")
+    assert info["severity"] == "info" and "torch 'main'" in info["message"]
+    assert any("pkg.torch" in n["needs"] for n in report["not_evaluated"]), "version rules go unevaluated, not wrong"
+
+
+@pytest.mark.parametrize("cfg", [{"from_pretrained": {"dtype": "bfloat16", "to_bettertransformer": True}},
+                                 {"dtype": "bfloat16", "to_bettertransformer": True}])
+def test_to_bettertransformer_is_seen_in_both_places(tmp_path, cfg):
+    r = run_cli("check", str(write_json(tmp_path / "c.json", cfg)), "--target", "h100-80gb", "--json")
+    rules = {f["rule"] for f in json.loads(r.stdout)["findings"]}
+    assert "BT-TRANSFORMERS-5" in rules and "CFG-KEY-NOT-JUDGED" not in rules
