@@ -245,8 +245,32 @@ def known_model_types() -> set[str] | None:
     return types or None
 
 
+# model types that are encoders only (no causal LM of their own, or one that needs is_decoder)
+_ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+    "camembert", "flaubert", "xlm", "ernie", "nomic_bert", "modernbert", "mobilebert", "squeezebert", "funnel", "longformer",
+    "rembert", "megatron-bert", "convbert", "luke", "layoutlm", "data2vec-text", "roformer", "nezha", "ibert", "canine", "esm",
+}
+_ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def model_kind(folder: str | Path) -> str:
+    """What the model is, from its config.json: "causal-lm" (what ``generate`` serves token by
+    token), "encoder" (BERT-class: embeddings, classification), or "encoder-decoder" (T5, BART)."""
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8-sig"))
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if cfg.get("is_encoder_decoder"):
+        return "encoder-decoder"
+    if cfg.get("is_decoder") or any(a.endswith(("ForCausalLM", "LMHeadModel")) and not a.startswith("Bert") for a in archs):
+        return "causal-lm"
+    if cfg.get("model_type") in _ENCODER_TYPES or (archs and all(a.endswith(_ENCODER_HEADS) for a in archs)):
+        return "encoder"
+    return "causal-lm"
+
+
 def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens: int | None = None,
-                  trust_remote_code: bool = False, known_types: set[str] | None | Any = UNKNOWN) -> list[Problem]:
+                  trust_remote_code: bool = False, known_types: set[str] | None | Any = UNKNOWN,
+                  for_generation: bool = False) -> list[Problem]:
     """What stops ``from_pretrained`` on this folder, read from its files in milliseconds:
     no weights, a truncated or missing shard, an unknown ``model_type``, impossible shapes,
     custom code (``auto_map``) without ``trust_remote_code``; and a prompt plus new tokens
@@ -259,6 +283,14 @@ def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens:
         out.append(Problem("MODEL-REMOTE-CODE", f"config.json has an auto_map ({', '.join(sorted(cfg['auto_map']))}): the model needs "
                            "its own Python code from the folder or the hub, which autotune does not run unless told to",
                            "read that code, then pass --trust-remote-code (trust_remote_code=True); it is recorded in the config", trust=True))
+    if for_generation:
+        kind = model_kind(p)
+        if kind != "causal-lm":
+            arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
+            out.append(Problem("MODEL-NOT-CAUSAL-LM", f"this is an {kind} model ({arch}): autotune tunes text generation (a causal LM's "
+                               "generate, token by token); an embedding or classification model's forward is not what it measures, "
+                               "and loading it as a causal LM would add a randomly initialised LM head",
+                               "`autotune check CONFIG --model DIR` still judges its options (dtype, attention, memory); tuning encoders is not built yet"))
     weights = [f for g in _WEIGHT_GLOBS for f in p.glob(g)]
     if not weights:
         out.append(Problem("MODEL-NO-WEIGHTS", f"{p} has config.json but no weight files ({', '.join(_WEIGHT_GLOBS[:3])}, ...)",

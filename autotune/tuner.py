@@ -278,7 +278,7 @@ def tune(
 
     spec = read_model(path)
     # what stops from_pretrained (or the workload) is found here, in milliseconds, not by every candidate failing
-    require_loadable(spec, prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=trust_remote_code)
+    require_loadable(spec, prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=trust_remote_code, for_generation=True)
     t0 = time.perf_counter()
     own_runner = runner is None
     if own_runner:

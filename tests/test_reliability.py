@@ -401,3 +401,28 @@ def test_to_bettertransformer_is_seen_in_both_places(tmp_path, cfg):
     r = run_cli("check", str(write_json(tmp_path / "c.json", cfg)), "--target", "h100-80gb", "--json")
     rules = {f["rule"] for f in json.loads(r.stdout)["findings"]}
     assert "BT-TRANSFORMERS-5" in rules and "CFG-KEY-NOT-JUDGED" not in rules
+
+
+@pytest.mark.parametrize("cfg,kind", [
+    ({"model_type": "bert", "architectures": ["BertModel"]}, "encoder"),
+    ({"model_type": "bert", "architectures": ["BertLMHeadModel"], "is_decoder": True}, "causal-lm"),
+    ({"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]}, "encoder"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "causal-lm"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "causal-lm"),
+    ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}, "encoder-decoder"),
+])
+def test_model_kind_from_config(tmp_path, cfg, kind):
+    from autotune.model import model_kind
+
+    write_json(tmp_path / "config.json", cfg)
+    assert model_kind(tmp_path) == kind
+
+
+def test_tune_refuses_an_encoder_in_one_line(tmp_path):
+    """A random small BERT through the real save_pretrained: tune stops at once instead of
+    "tuning" a BertLMHeadModel with a random LM head."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)).save_pretrained(tmp_path / "bert")
+    r = run_cli("tune", str(tmp_path / "bert"), "--prompt-len", "16", "--new-tokens", "4", env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
+    assert r.returncode == 2 and "MODEL-NOT-CAUSAL-LM" in r.stderr and "encoder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
