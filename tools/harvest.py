@@ -1,0 +1,232 @@
+"""Harvest version gates from the libraries' released wheels into autotune/data/harvest.json,
+and regenerate the harvested part of docs/VERIFIED.md from it. Run by hand (network, minutes),
+not in CI; the test suite checks the rules against the table it writes.
+
+    python tools/harvest.py                      # every package below
+    python tools/harvest.py --only transformers  # one
+    python tools/harvest.py --docs-only          # docs/VERIFIED.md from the table as it is
+
+For each release (the first and the last patch of every minor in the ranges below) the wheel is
+downloaded (``pip download --no-deps``) and its files are read as text, never imported: the
+facts are what the release's own source says. Each row records the file each fact came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "autotune" / "data" / "harvest.json"
+VERIFIED = ROOT / "docs" / "VERIFIED.md"
+CACHE = Path("/tmp/autotune-harvest")
+
+# (first, last) releases per package; every minor in between, its first and last patch
+RANGES = {
+    "transformers": ("4.26", None),
+    "optimum": ("1.8", None),
+    "accelerate": ("0.20", None),
+    "bitsandbytes": ("0.39", None),
+}
+
+
+def versions(package: str) -> list[str]:
+    """Released versions (no pre-releases) from the index, first and last patch of each minor."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("Available versions:"))
+    vs = sorted({Version(v.strip()) for v in line.split(":", 1)[1].split(",") if v.strip()})
+    vs = [v for v in vs if not v.is_prerelease and not v.is_devrelease]
+    low = Version(RANGES[package][0])
+    by_minor: dict[tuple[int, int], list[Version]] = {}
+    for v in vs:
+        if v >= low:
+            by_minor.setdefault((v.major, v.minor), []).append(v)
+    keep = sorted({x for group in by_minor.values() for x in (group[0], group[-1])})
+    return [str(v) for v in keep]
+
+
+def wheel(package: str, version: str) -> Path | None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    norm = package.replace("-", "_")
+    have = list(CACHE.glob(f"{norm}-{version}-*.whl"))
+    if not have:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", f"{package}=={version}",
+                        "-d", str(CACHE)], capture_output=True, text=True)
+        have = list(CACHE.glob(f"{norm}-{version}-*.whl"))
+    return have[0] if have else None
+
+
+def _read(z: zipfile.ZipFile, name: str) -> str:
+    try:
+        return z.read(name).decode("utf-8", errors="replace")
+    except KeyError:
+        return ""
+
+
+def _metadata(z: zipfile.ZipFile) -> dict[str, Any]:
+    meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+    text = _read(z, meta) if meta else ""
+    requires = re.findall(r"^Requires-Dist: (.+)$", text, re.M)
+    python = re.search(r"^Requires-Python: (.+)$", text, re.M)
+    torch = next((r for r in requires if re.match(r"torch\b", r) and "extra ==" not in r), None)
+    return {"requires_python": python.group(1).strip() if python else None, "requires_torch": _norm_req(torch)}
+
+
+def _norm_req(text: str | None) -> str | None:
+    """One spelling per requirement ("torch (>=1.9)" and "torch>=1.9" are the same)."""
+    if not text:
+        return None
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        r = Requirement(text)
+    except InvalidRequirement:
+        return text.strip()
+    return f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}{r.specifier}"
+
+
+def _first(pattern: str, text: str) -> str | None:
+    m = re.search(pattern, text, re.M)
+    return m.group(1) if m else None
+
+
+def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
+    mu = _read(z, "transformers/modeling_utils.py")
+    iu = _read(z, "transformers/utils/import_utils.py")
+    qc = _read(z, "transformers/utils/quantization_config.py")
+    fa2 = re.search(r"def is_flash_attn_2_available.*?(?=\ndef )", iu, re.S)
+    return {
+        "source": "transformers/modeling_utils.py, utils/import_utils.py, utils/quantization_config.py, METADATA",
+        **_metadata(z),
+        "torch_floor": _first(r"PyTorch >= ([0-9.]+) is required", iu),
+        "accelerate_min": _first(r'^ACCELERATE_MIN_VERSION = "([0-9.]+)"', iu),
+        "bitsandbytes_min": _first(r'^BITSANDBYTES_MIN_VERSION = "([0-9.]+)"', iu),
+        "flash_attn_2_min": _first(r'"(2\.[0-9.]+)"', fa2.group(0)) if fa2 else None,
+        "kw_dtype": bool(re.search(r'kwargs\.pop\("dtype"', mu)),
+        "kw_torch_dtype": bool(re.search(r'kwargs\.pop\("torch_dtype"', mu)),
+        "torch_dtype_deprecated": "`torch_dtype` is deprecated" in mu,
+        "kw_load_in_8bit": bool(re.search(r'kwargs\.pop\("load_in_8bit"', mu)),
+        "kw_load_in_4bit": bool(re.search(r'kwargs\.pop\("load_in_4bit"', mu)),
+        "kw_use_flash_attention_2": bool(re.search(r'kwargs\.pop\("use_flash_attention_2"', mu)),
+        "kw_attn_implementation": bool(re.search(r'kwargs\.pop\("attn_implementation"', mu)),
+        "kw_quantization_config": bool(re.search(r'kwargs\.pop\("quantization_config"', mu)),
+        "kw_tp_plan": bool(re.search(r'kwargs\.pop\("tp_plan"', mu)),
+        "kw_distributed_config": bool(re.search(r'kwargs\.pop\("distributed_config"', mu)),
+        "bitsandbytes_config": "class BitsAndBytesConfig" in qc,
+        "to_bettertransformer": "def to_bettertransformer" in mu,
+        "flash_attention_3": "flash_attention_3" in mu,
+        "flash_attention_4": "flash_attention_4" in mu,
+    }
+
+
+def optimum_facts(z: zipfile.ZipFile) -> dict[str, Any]:
+    bt = _read(z, "optimum/bettertransformer/transformation.py")
+    return {
+        "source": "optimum/bettertransformer/transformation.py, METADATA",
+        **_metadata(z),
+        "bettertransformer": bool(bt),
+        "requires_transformers": _norm_req(next((r.strip() for r in re.findall(r"^Requires-Dist: (transformers\b[^;\n]*)", _read(z, next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), "")), re.M)), None)),
+    }
+
+
+def plain_facts(z: zipfile.ZipFile) -> dict[str, Any]:
+    return {"source": "METADATA", **_metadata(z)}
+
+
+EXTRACT: dict[str, Callable[[zipfile.ZipFile], dict[str, Any]]] = {
+    "transformers": transformers_facts, "optimum": optimum_facts, "accelerate": plain_facts, "bitsandbytes": plain_facts,
+}
+
+
+def harvest(package: str) -> dict[str, Any]:
+    vs = versions(package)
+    rows: dict[str, Any] = {}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wheels = dict(zip(vs, pool.map(lambda v: wheel(package, v), vs)))
+    for v, w in wheels.items():
+        if w is None:
+            rows[v] = {"error": "no wheel"}
+            continue
+        with zipfile.ZipFile(w) as z:
+            rows[v] = EXTRACT[package](z)
+        print(f"{package} {v}: {sum(1 for x in rows[v].values() if x)} facts", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- docs
+def _boundaries(rows: dict[str, Any], key: str) -> str:
+    """Where a fact changes value, in version order: 'a (4.26.0-4.55.4) -> b (4.56.0-5.24.0)'."""
+    runs: list[tuple[Any, str, str]] = []
+    for v in sorted((v for v in rows if "error" not in rows[v]), key=Version):
+        val = rows[v].get(key)
+        if runs and runs[-1][0] == val:
+            runs[-1] = (val, runs[-1][1], v)
+        else:
+            runs.append((val, v, v))
+    return " → ".join(f"{'yes' if val is True else 'no' if val is False else val if val is not None else '–'} ({a}–{b})" for val, a, b in runs)
+
+
+def docs(table: dict[str, Any]) -> str:
+    lines = ["<!-- harvested: generated by tools/harvest.py from autotune/data/harvest.json; do not edit -->",
+             "## Harvested from the released wheels", "",
+             f"Read {table.get('harvested_at', '?')} from {sum(len(v) for k, v in table.items() if isinstance(v, dict))} wheels "
+             "(first and last patch of every minor), as text: what each release's own files say.", ""]
+    for package, rows in table.items():
+        if not isinstance(rows, dict) or not rows:
+            continue
+        good = {v: r for v, r in rows.items() if "error" not in r}
+        if not good:
+            continue
+        first = next(iter(good.values()))
+        keys = [k for k in first if k not in ("source",)]
+        lines += [f"### {package} ({min(good, key=Version)} – {max(good, key=Version)}; {first.get('source', '')})", "",
+                  "| fact | value by release |", "|---|---|"]
+        lines += [f"| `{k}` | {_boundaries(good, k)} |" for k in keys]
+        missing = sorted((v for v in rows if v not in good), key=Version)
+        if missing:
+            lines += ["", f"No wheel on the index (not read): {', '.join(missing)}."]
+        lines.append("")
+    lines.append("<!-- /harvested -->")
+    return "\n".join(lines)
+
+
+def write_docs(table: dict[str, Any]) -> None:
+    text = VERIFIED.read_text(encoding="utf-8")
+    block = docs(table)
+    if "<!-- harvested" in text:
+        text = re.sub(r"<!-- harvested:.*?<!-- /harvested -->", lambda m: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    VERIFIED.write_text(text, encoding="utf-8")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", action="append", choices=sorted(EXTRACT))
+    ap.add_argument("--docs-only", action="store_true")
+    args = ap.parse_args()
+    table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
+    if not args.docs_only:
+        import time
+
+        for package in args.only or list(EXTRACT):
+            table[package] = harvest(package)
+        table["harvested_at"] = time.strftime("%Y-%m-%d")
+        TABLE.parent.mkdir(parents=True, exist_ok=True)
+        TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    write_docs(table)
+    print(f"wrote {TABLE.relative_to(ROOT)} and docs/VERIFIED.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
