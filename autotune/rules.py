@@ -34,7 +34,8 @@ from .facts import UNKNOWN
 
 SEVERITIES = ("error", "warning", "info")
 SCOPES = ("candidate", "gpu", "installation")
-_OPS = ("in", "not_in", "eq", "ne", "version", "lt", "le", "gt", "ge", "is_null", "known", "contains", "empty", "version_below")
+_OPS = ("in", "not_in", "eq", "ne", "version", "lt", "le", "gt", "ge", "is_null", "known", "contains", "empty", "version_below",
+        "release_has", "release_lacks")
 _ID = re.compile(r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _RULE_KEYS = {"id", "name", "severity", "option", "scope", "when", "message", "fix", "why", "sources", "examples", "status", "needs_model"}
@@ -85,6 +86,30 @@ def _spec(text: str) -> SpecifierSet:
     return SpecifierSet(text, prereleases=True)
 
 
+@lru_cache(maxsize=1)
+def harvested() -> dict[str, Any]:
+    """autotune/data/harvest.json (tools/harvest.py): per package, per release, what its files say."""
+    import json
+
+    path = Path(__file__).resolve().parent / "data" / "harvest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def release_fact(package: str, version: Any, key: str) -> Any:
+    """``key`` of the newest harvested release of ``package`` at or below ``version`` (releases
+    after the last harvest read as the last one; a release between a minor's first and last
+    patch as the one before it); UNKNOWN below the first harvested release or when unrecorded."""
+    v = _version(version)
+    rows = harvested().get(package) or {}
+    if v is None or not rows:
+        return UNKNOWN
+    below = [(Version(r), row) for r, row in rows.items() if "error" not in row and Version(r) <= v]
+    if not below:
+        return UNKNOWN
+    row = max(below, key=lambda x: x[0])[1]
+    return row.get(key, UNKNOWN)
+
+
 def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
     path = cond["fact"]
     op = next(k for k in cond if k != "fact")
@@ -113,6 +138,11 @@ def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
     if op == "version":
         v = _version(value)
         return Unknown([path]) if v is None else _spec(arg).contains(v, prereleases=True)
+    if op in ("release_has", "release_lacks"):  # a fact of the installed release, from the harvested table
+        has = release_fact(path.split(".", 1)[1], value, arg)
+        if not isinstance(has, bool):
+            return Unknown([path])
+        return has if op == "release_has" else not has
     if op == "version_below":
         other = get(arg)
         if other is UNKNOWN:
@@ -219,6 +249,12 @@ def _validate_condition(cond: Any, where: str, key: str) -> None:
         raise RuleFileError(where, f"{key}.{op}", "expected true or false")
     if op == "version_below" and not isinstance(arg, str):
         raise RuleFileError(where, f"{key}.version_below", "expected a fact path")
+    if op in ("release_has", "release_lacks"):
+        if not cond["fact"].startswith("pkg."):
+            raise RuleFileError(where, f"{key}.{op}", "reads the harvested table of a package: the fact must be pkg.NAME")
+        rows = harvested().get(cond["fact"].split(".", 1)[1]) or {}
+        if not any(isinstance(r.get(arg), bool) for r in rows.values()):
+            raise RuleFileError(where, f"{key}.{op}", f"{arg!r} is not a yes/no fact of {cond['fact']} in autotune/data/harvest.json")
 
 
 def _rule_from(raw: Any, where: str, position: int) -> Rule:

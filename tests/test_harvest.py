@@ -1,6 +1,7 @@
 """The rules agree with the table harvested from the released wheels (tools/harvest.py writes
-autotune/data/harvest.json): for every harvested transformers release, a config that uses a
-keyword the release does not know gets an error, and one it knows does not."""
+autotune/data/harvest.json; the rules read it through release_has / release_lacks): for every
+harvested transformers release, a config that uses a keyword the release does not know gets an
+error, and one it knows does not."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ GATES = [
     ("kw_attn_implementation", {"torch_dtype": "float16", "attn_implementation": "sdpa"}, {"ATTN-IMPL-UNKNOWN-KEY"}),
     ("kw_use_flash_attention_2", {"torch_dtype": "float16", "use_flash_attention_2": True}, {"LEGACY-USE-FLASH-ATTENTION-2-REMOVED"}),
     ("kw_load_in_8bit", {"torch_dtype": "float16", "load_in_8bit": True}, {"LEGACY-LOAD-IN-KBIT-REMOVED"}),
+    ("kw_load_in_4bit", {"torch_dtype": "float16", "load_in_4bit": True}, {"LEGACY-LOAD-IN-KBIT-REMOVED"}),
     ("kw_tp_plan", {"torch_dtype": "bfloat16", "tp_plan": "auto"}, {"PLACE-TP-TRANSFORMERS"}),
     ("kw_distributed_config", {"torch_dtype": "bfloat16", "distributed_config": {"tp_plan": "auto"}}, {"PLACE-TP-TRANSFORMERS"}),
     ("flash_attention_3", {"torch_dtype": "float16", "attn_implementation": "flash_attention_3"}, {"ATTN-FA3-NAME"}),
@@ -50,4 +52,15 @@ def test_rules_follow_the_harvested_keyword_table(fact, cfg, rules):
 
 def test_every_minor_is_harvested_with_its_first_and_last_patch():
     minors = {tuple(v.split(".")[:2]) for v in RELEASES}
-    assert ("4", "26") in minors and len(minors) >= 50 and len(RELEASES) > len(minors)
+    assert ("4", "0") in minors and len(minors) >= 75 and len(RELEASES) > len(minors)
+
+
+def test_a_release_reads_as_the_harvested_one_at_or_below_it():
+    from autotune.facts import UNKNOWN
+    from autotune.rules import release_fact
+
+    assert release_fact("transformers", "4.56.1", "kw_dtype") is True, "a patch between a minor's first and last"
+    assert release_fact("transformers", "4.55.9", "kw_dtype") is False
+    assert release_fact("transformers", "99.0.0", "kw_dtype") is TABLE["transformers"][RELEASES[-1]]["kw_dtype"], "newer than the harvest: the last"
+    assert release_fact("transformers", "3.5.1", "kw_dtype") is UNKNOWN, "older than the harvest: unknown"
+    assert release_fact("transformers", "5.15.1+local", "kw_tp_plan") is False

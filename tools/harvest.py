@@ -32,7 +32,7 @@ CACHE = Path("/tmp/autotune-harvest")
 
 # (first, last) releases per package; every minor in between, its first and last patch
 RANGES = {
-    "transformers": ("4.26", None),
+    "transformers": ("4.0", None),
     "optimum": ("1.8", None),
     "accelerate": ("0.20", None),
     "bitsandbytes": ("0.39", None),
