@@ -251,12 +251,12 @@ def tune(
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens), ("reps", reps)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"{name} must be a whole number >= 1, found {v!r}")
-    for name, v, least in (("time_budget", time_budget, 0), ("candidate_timeout", candidate_timeout, 0),
-                           ("min_throughput", min_throughput, None), ("headroom_gib", headroom_gib, None)):
+    for name, flag, v, least in (("time_budget", "--time-budget", time_budget, 0), ("candidate_timeout", "--timeout", candidate_timeout, 0),
+                                 ("min_throughput", "--min-throughput", min_throughput, None), ("headroom_gib", "--headroom", headroom_gib, None)):
         if v is None:
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (v <= 0 if least == 0 else v < 0):
-            raise UserError(f"{name} must be a finite number {'> 0' if least == 0 else '>= 0'}, found {v!r}")
+            raise UserError(f"{name} ({flag}) must be a finite number {'> 0' if least == 0 else '>= 0'}, found {v!r}")
     if use_cache or model is None:
         usable_cache_dir()
     workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
