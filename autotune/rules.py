@@ -35,7 +35,7 @@ from .facts import UNKNOWN
 SEVERITIES = ("error", "warning", "info")
 SCOPES = ("candidate", "gpu", "installation")
 _OPS = ("in", "not_in", "eq", "ne", "version", "lt", "le", "gt", "ge", "is_null", "known", "contains", "empty", "version_below",
-        "release_has", "release_lacks")
+        "release_has", "release_lacks", "in_release", "not_in_release")
 _ID = re.compile(r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _RULE_KEYS = {"id", "name", "severity", "option", "scope", "when", "message", "fix", "why", "sources", "examples", "status", "needs_model"}
@@ -138,6 +138,17 @@ def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
     if op == "version":
         v = _version(value)
         return Unknown([path]) if v is None else _spec(arg).contains(v, prereleases=True)
+    if op in ("in_release", "not_in_release"):  # a list of the installed release of another package ("optimum:bt_model_types")
+        package, key = arg.split(":", 1)
+        installed = get(f"pkg.{package}")
+        if installed is UNKNOWN:
+            return Unknown([f"pkg.{package}"])
+        listed = release_fact(package, installed, key) if installed is not None else None
+        if listed is UNKNOWN:
+            return Unknown([f"pkg.{package}"])
+        if not isinstance(listed, list):  # not installed, or this release has no such list: nothing to be in
+            return False
+        return (value in listed) == (op == "in_release")
     if op in ("release_has", "release_lacks"):  # a fact of the installed release, from the harvested table
         has = release_fact(path.split(".", 1)[1], value, arg)
         if not isinstance(has, bool):
@@ -249,6 +260,11 @@ def _validate_condition(cond: Any, where: str, key: str) -> None:
         raise RuleFileError(where, f"{key}.{op}", "expected true or false")
     if op == "version_below" and not isinstance(arg, str):
         raise RuleFileError(where, f"{key}.version_below", "expected a fact path")
+    if op in ("in_release", "not_in_release"):
+        package, _, name = str(arg).partition(":")
+        rows = harvested().get(package) or {}
+        if not name or not any(isinstance(r.get(name), list) for r in rows.values()):
+            raise RuleFileError(where, f"{key}.{op}", f"{arg!r}: expected PACKAGE:KEY naming a list in autotune/data/harvest.json")
     if op in ("release_has", "release_lacks"):
         if not cond["fact"].startswith("pkg."):
             raise RuleFileError(where, f"{key}.{op}", "reads the harvested table of a package: the fact must be pkg.NAME")

@@ -64,3 +64,20 @@ def test_a_release_reads_as_the_harvested_one_at_or_below_it():
     assert release_fact("transformers", "99.0.0", "kw_dtype") is TABLE["transformers"][RELEASES[-1]]["kw_dtype"], "newer than the harvest: the last"
     assert release_fact("transformers", "3.5.1", "kw_dtype") is UNKNOWN, "older than the harvest: unknown"
     assert release_fact("transformers", "5.15.1+local", "kw_tp_plan") is False
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert", "mistral", "qwen2"])
+def test_bt_arch_follows_each_optimum_releases_mapping(model_type):
+    from autotune.model import ModelSpec
+
+    spec = ModelSpec(path="x", model_type=model_type, supports={"sdpa": False})
+    wrong = []
+    for v, row in TABLE["optimum"].items():
+        if not row.get("bettertransformer"):
+            continue
+        r = check({"torch_dtype": "float16", "to_bettertransformer": True}, target="t4", model=spec,
+                  overrides=[f"packages.optimum={v}", "packages.transformers=4.35.2", "packages.torch=2.1.2"])
+        fired = any(f["rule"] == "BT-ARCH" for f in r["findings"])
+        if fired == (model_type in row["bt_model_types"]):
+            wrong.append(v)
+    assert not wrong, f"BT-ARCH disagrees with optimum's MODEL_MAPPING for {model_type} in {wrong}"

@@ -128,12 +128,37 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     }
 
 
+def _mapping_keys(text: str, name: str) -> list[str] | None:
+    """The string keys at the first level of the dict literal ``name = {...}`` in ``text``."""
+    m = re.search(rf"{name}\s*=\s*\{{", text)
+    if not m:
+        return None
+    depth, i = 1, m.end()
+    while depth and i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    body, keys, depth = text[m.end():i - 1], [], 0
+    for k in re.finditer(r'[{}]|"([\w.-]+)"\s*:', body):
+        tok = k.group(0)
+        if tok in "{}":
+            depth += 1 if tok == "{" else -1
+        elif depth == 0:
+            keys.append(k.group(1))
+    return sorted(keys)
+
+
 def optimum_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     bt = _read(z, "optimum/bettertransformer/transformation.py")
     return {
-        "source": "optimum/bettertransformer/transformation.py, METADATA",
+        "source": "optimum/bettertransformer/transformation.py, bettertransformer/models/__init__.py, METADATA",
         **_metadata(z),
         "bettertransformer": bool(bt),
+        # the model types BetterTransformer converts (BetterTransformerManager.MODEL_MAPPING)
+        "bt_model_types": _mapping_keys(_read(z, "optimum/bettertransformer/models/__init__.py"), "MODEL_MAPPING") if bt else None,
+        # model types transform() refuses as "natively supported" by transformers, and whether it
+        # refuses any model whose config already says _attn_implementation == "sdpa"
+        "bt_native_refused": sorted(re.findall(r'"([\w-]+)"', _first(r"model_type in (\[[^\]]*\])", bt) or "")) if bt else None,
+        "bt_refuses_sdpa_attn": '_attn_implementation == "sdpa"' in bt if bt else None,
         "requires_transformers": _norm_req(next((r.strip() for r in re.findall(r"^Requires-Dist: (transformers\b[^;\n]*)", _read(z, next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), "")), re.M)), None)),
     }
 
