@@ -173,6 +173,9 @@ class Context:
                 return UNKNOWN
             if rest == "label":
                 return self.gpu.label()
+            if rest == "arch_major":  # "10" for compute capability 10.0: SASS runs within one major architecture
+                cc = self.gpu.compute_capability
+                return str(cc).split(".")[0] if isinstance(cc, str) and cc else UNKNOWN
             return getattr(self.gpu, rest, UNKNOWN)
         if head == "model":
             return UNKNOWN if self.model is None else self.model.get(rest)

@@ -89,7 +89,6 @@ def test_hand_written_numeric_capability(tmp_path):
     ('{"gpus": {"name": "x"}}', "gpus: expected list"),
     ('{"gpus": [{"compute_capability": "fast"}]}', "compute capability 'fast'"),
     ('{"packages": {"torch": 2.1}}', "expected a version string or null"),
-    ('{"packages": {"torch": "two"}}', "not a valid version"),
     ('{"gpus": [{"memory_total_gib": "lots"}]}', "expected a number of GiB"),
 ])
 def test_malformed_facts_files(tmp_path, content, match):
@@ -97,6 +96,15 @@ def test_malformed_facts_files(tmp_path, content, match):
     p.write_text(content)
     with pytest.raises(FactsError, match=match):
         load_facts(p)
+
+
+def test_a_version_text_that_is_not_pep440_is_kept_as_installed_version_unknown(tmp_path):
+    """Issue 11: a source build's own label ("two", "main") is installed, version unknown -
+    not a fatal facts error (FACTS-VERSION-UNPARSED reports it)."""
+    p = tmp_path / "facts.json"
+    p.write_text('{"packages": {"torch": "two"}}')
+    f = load_facts(p)
+    assert f.package("torch") == "two" and f.package_version("torch") is UNKNOWN and f.unparsed_versions() == ["torch 'two'"]
 
 
 def test_missing_facts_file(tmp_path):

@@ -81,3 +81,14 @@ def test_bt_arch_follows_each_optimum_releases_mapping(model_type):
         if fired == (model_type in row["bt_model_types"]):
             wrong.append(v)
     assert not wrong, f"BT-ARCH disagrees with optimum's MODEL_MAPPING for {model_type} in {wrong}"
+
+
+@pytest.mark.parametrize("target,major", [("b200", "10"), ("h100-80gb", "9"), ("a10g", "8")])
+def test_fa2_kernels_follow_each_flash_attn_release(target, major):
+    wrong = []
+    for v, row in TABLE["flash-attn"].items():
+        r = check({"attn_implementation": "flash_attention_2", "dtype": "bfloat16"}, target=target, overrides=[f"packages.flash-attn={v}"])
+        fired = any(f["rule"] == "ATTN-FA2-NOT-BUILT-FOR-ARCH" for f in r["findings"])
+        if fired == (major in row["fa2_cuda_majors"]):
+            wrong.append(v)
+    assert not wrong, f"ATTN-FA2-NOT-BUILT-FOR-ARCH disagrees with flash-attn's setup.py on {target} for {wrong}"

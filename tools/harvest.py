@@ -167,12 +167,57 @@ def plain_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     return {"source": "METADATA", **_metadata(z)}
 
 
+def flash_attn_versions() -> dict[str, str]:
+    """flash-attn ships source only on PyPI: {version: sdist URL} from the JSON API, first and last
+    release of every minor from 2.0 (post releases count as their base's)."""
+    import urllib.request
+
+    with urllib.request.urlopen("https://pypi.org/pypi/flash-attn/json", timeout=60) as r:
+        data = json.load(r)
+    urls = {}
+    for v, files in data["releases"].items():
+        sd = [f for f in files if f.get("packagetype") == "sdist"]
+        pv = Version(v)
+        if sd and not pv.is_prerelease and pv >= Version("2.0"):
+            urls[v] = urllib.request.urljoin("https://pypi.org/pypi/flash-attn/json", sd[0]["url"])
+    by_minor: dict[tuple[int, int], list[str]] = {}
+    for v in sorted(urls, key=Version):
+        by_minor.setdefault(Version(v).release[:2], []).append(v)
+    return {v: urls[v] for group in by_minor.values() for v in {group[0], group[-1]}}
+
+
+def flash_attn_facts(version: str, url: str) -> dict[str, Any]:
+    """The GPU architectures flash-attn's setup.py compiles FlashAttention-2 for (SASS only:
+    ``arch=compute_XX,code=sm_XX``, so a GPU of another major architecture has no kernel)."""
+    import tarfile
+    import urllib.request
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"flash_attn-{version}.tar.gz"
+    if not path.is_file():
+        urllib.request.urlretrieve(url, path)
+    with tarfile.open(path) as t:
+        member = next((m for m in t.getmembers() if m.name.count("/") == 1 and m.name.endswith("/setup.py")), None)
+        text = t.extractfile(member).read().decode("utf-8", errors="replace") if member else ""
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))  # commented-out archs are not built
+    archs = sorted({int(a) for a in re.findall(r"arch=compute_(\d+),code=sm_\d+", code)})
+    return {"source": "setup.py (sdist)", "fa2_cuda_archs": [f"{a // 10}.{a % 10}" for a in archs],
+            "fa2_cuda_majors": sorted({str(a // 10) for a in archs}, key=int)}
+
+
 EXTRACT: dict[str, Callable[[zipfile.ZipFile], dict[str, Any]]] = {
     "transformers": transformers_facts, "optimum": optimum_facts, "accelerate": plain_facts, "bitsandbytes": plain_facts,
 }
 
 
 def harvest(package: str) -> dict[str, Any]:
+    if package == "flash-attn":
+        urls = flash_attn_versions()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            facts = dict(zip(urls, pool.map(lambda v: flash_attn_facts(v, urls[v]), urls)))
+        for v, f in sorted(facts.items(), key=lambda x: Version(x[0])):
+            print(f"flash-attn {v}: {f['fa2_cuda_archs']}", flush=True)
+        return facts
     vs = versions(package)
     rows: dict[str, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -236,14 +281,14 @@ def write_docs(table: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", action="append", choices=sorted(EXTRACT))
+    ap.add_argument("--only", action="append", choices=sorted([*EXTRACT, "flash-attn"]))
     ap.add_argument("--docs-only", action="store_true")
     args = ap.parse_args()
     table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
     if not args.docs_only:
         import time
 
-        for package in args.only or list(EXTRACT):
+        for package in args.only or [*EXTRACT, "flash-attn"]:
             table[package] = harvest(package)
         table["harvested_at"] = time.strftime("%Y-%m-%d")
         TABLE.parent.mkdir(parents=True, exist_ok=True)
