@@ -41,8 +41,8 @@ MAX_COMPILED = 2
 # Attention implementations the screen does not rank like their compiled runs: on the H100 with
 # a 4,096-token prompt, flex_attention screened 30 % faster than sdpa (2.864 vs 4.085 ms of GPU
 # time per step) but ran 38 % slower compiled (151 vs 245 tok/s; docs/gpu/h100-v5-oracle-1.1b-b1-p4096.json).
-# Such a candidate never takes a finalist's place on its screen alone: the finalists come from
-# the others, and the best of these is compiled in addition when it screens within the margin.
+# Such a candidate is not screened at all (its screen also compiled flex's kernels for 85 s): the
+# finalists come from the others, and the one in the lead's dtype is compiled in addition.
 SCREEN_BLIND = frozenset({"flex_attention"})
 # Head to head: a leader is decisive when its interval clears the other's by 3x the spread and
 # it leads by this factor (dynamic-cache runs move +-20 % between processes, compiled ones ~10 %).
