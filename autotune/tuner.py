@@ -308,6 +308,8 @@ def tune(
                           check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
             tuner.start = t0 + lock.waited_s
             result = tuner.run()
+            if cache is not None and result.pick is not None:
+                cache.save_pick(result.config)  # still inside the lock: the next tune reads a complete file
         if lock.waited_s >= 1:
             result.notes.append(f"waited {lock.waited_s:.0f} s for another tune to finish measuring on this machine")
         start_s = getattr(runner, "server_start_s", None)
@@ -316,8 +318,6 @@ def tune(
     finally:
         if own_runner:
             runner.close()
-    if cache is not None and result.pick is not None:
-        cache.save_pick(result.config)
     if cache is not None and cache.hits:
         result.notes.append(f"{cache.hits} measurement(s) reused from the cache ({cache.path}); --no-cache to measure afresh")
     if result.pick is None:
