@@ -18,7 +18,8 @@ from autotune._proc import die_with_parent, kill_group
 def serve(preload: list[str]) -> None:
     import importlib
 
-    die_with_parent()  # the tune that started this server
+    parent = os.environ.pop("AUTOTUNE_SERVER_PARENT", "")  # popped: the candidates are this server's children
+    die_with_parent(int(parent) if parent.isdigit() else None)  # the tune that started this server
 
     for name in preload:
         try:

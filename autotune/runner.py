@@ -72,8 +72,11 @@ class ForkRunner:
             return
         self._ready_flag.unlink(missing_ok=True)
         self._t0 = time.perf_counter()
+        # the server's parent pid: it exits at once if this process is already gone when it asks
+        # Linux to end it with its parent (a tune killed while the server was still starting)
+        env = {**self._env(), "AUTOTUNE_SERVER_PARENT": str(os.getpid())}
         self.proc = subprocess.Popen([sys.executable, "-m", "autotune._forkserver", *self.preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self._env(), start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
 
         def hello() -> None:
             self._hello_line = self._read(180)
@@ -148,7 +151,8 @@ class ForkRunner:
             reply = self._process(cmd, spec, out, timeout)
         elif self.fresh_first and self.runs == 1 and self.proc is not None and not self._server_ready():
             how = "fresh interpreter (the fork server was still importing)"
-            reply = self._process([sys.executable, "-m", "autotune.worker"], {**spec, "wait_for": str(self._ready_flag)}, out, timeout)
+            reply = self._process([sys.executable, "-m", "autotune.worker"], {**spec, "wait_for": str(self._ready_flag), "parent_pid": os.getpid()},
+                                  out, timeout)
         else:
             proc = self._server()
             assert proc.stdin is not None

@@ -507,11 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
     if argv is None:
         from ._proc import die_with_parent
 
-        die_with_parent()  # a fresh interpreter (or a torchrun rank) ends with the process that started it
-    spec = json.loads(Path(args[0]).read_text())
+        # a fresh interpreter ends with the tune that started it (and exits at once if that one
+        # was killed while this one started); a torchrun rank with its launcher
+        die_with_parent(spec.get("parent_pid"))
     result = run_candidate(spec, args[1])
     _, _, world = _rank()
     # under torchrun a failed rank must exit non-zero, so the launcher stops the others
