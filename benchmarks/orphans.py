@@ -21,15 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def marked(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "environ").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return out
+    from autotune._proc import carrying
+
+    return carrying(marker)
 
 
 def describe(pid: int) -> str:

@@ -150,16 +150,9 @@ def _cpu_facts():
 
 def _autotune_pids(marker: str) -> list[int]:
     """Processes (other than this one) whose environment carries ``marker``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
+    from autotune._proc import carrying
+
+    return carrying(marker)
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
