@@ -99,15 +99,22 @@ def release_fact(package: str, version: Any, key: str) -> Any:
     """``key`` of the newest harvested release of ``package`` at or below ``version`` (releases
     after the last harvest read as the last one; a release between a minor's first and last
     patch as the one before it); UNKNOWN below the first harvested release or when unrecorded."""
+    import bisect
+
     v = _version(version)
-    rows = harvested().get(package) or {}
-    if v is None or not rows:
+    versions, rows = _releases(package)
+    if v is None:
         return UNKNOWN
-    below = [(Version(r), row) for r, row in rows.items() if "error" not in row and Version(r) <= v]
-    if not below:
-        return UNKNOWN
-    row = max(below, key=lambda x: x[0])[1]
-    return row.get(key, UNKNOWN)
+    i = bisect.bisect_right(versions, v)
+    return rows[i - 1].get(key, UNKNOWN) if i else UNKNOWN
+
+
+@lru_cache(maxsize=None)
+def _releases(package: str) -> tuple[tuple[Version, ...], tuple[dict[str, Any], ...]]:
+    """The harvested releases of ``package`` that were read, in version order, parsed once
+    (``release_fact`` runs for every rule on every candidate)."""
+    pairs = sorted(((Version(r), row) for r, row in (harvested().get(package) or {}).items() if "error" not in row), key=lambda p: p[0])
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
 def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
