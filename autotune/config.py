@@ -442,16 +442,23 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     return m
 
 
-def hub_reachable(name: str, timeout_s: float = 5.0) -> None:
-    """A :class:`UserError` unless ``name`` looks like a hub id and the hub answers for it within
-    ``timeout_s`` (offline, transformers would spend about 50 s in retries before failing)."""
+def hub_id(name: str, *, org_required: bool = False) -> None:
+    """A :class:`UserError` ("model folder not found") unless ``name`` (not a local folder)
+    could be looked up on the hub: a hub id (``org/name``, or a bare name unless
+    ``org_required``) and HF_HUB_OFFLINE not set."""
     import os
     import re
 
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+" if org_required else r"[\w.-]+(/[\w.-]+)?", name):
         raise UserError(f"model folder not found: {name}")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"model folder not found: {name} (and HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+
+
+def hub_reachable(name: str, timeout_s: float = 5.0) -> None:
+    """A :class:`UserError` unless ``name`` looks like a hub id and the hub answers for it within
+    ``timeout_s`` (offline, transformers would spend about 50 s in retries before failing)."""
+    hub_id(name)
     try:
         from huggingface_hub import model_info
 

@@ -193,12 +193,9 @@ def default_model(root: Path | None = None) -> Path:
 
 def _from_hub(name: str) -> Path:
     """A hub id (``org/name``) when a hub is reachable: config, weights and tokenizer only."""
-    import re
+    from .config import hub_id
 
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"model folder not found: {name}")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"model folder not found: {name} (and HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+    hub_id(name, org_required=True)
     try:
         from huggingface_hub import snapshot_download
 
