@@ -139,16 +139,22 @@ def _replace(spec: ModelSpec, **kw: Any) -> ModelSpec:
     return dataclasses.replace(spec, **kw)
 
 
+def _safetensors_header(f: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a safetensors file; OSError, ValueError or struct.error when
+    it cannot be read."""
+    with f.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 100_000_000:
+            raise ValueError("header too large")
+        return n, json.loads(fh.read(n))
+
+
 def _read_safetensors(folder: Path) -> list[Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     out: list[Tensor] = []
     for f in files:
         try:
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100_000_000:
-                    raise ValueError("header too large")
-                header = json.loads(fh.read(n))
+            _, header = _safetensors_header(f)
         except (OSError, ValueError, struct.error) as e:
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
         for name, meta in header.items():
@@ -257,7 +263,10 @@ _ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassific
 def model_kind(folder: str | Path) -> str:
     """What the model is, from its config.json: "causal-lm" (what ``generate`` serves token by
     token), "encoder" (BERT-class: embeddings, classification), or "encoder-decoder" (T5, BART)."""
-    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8-sig"))
+    return _kind(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8-sig")))
+
+
+def _kind(cfg: Mapping[str, Any]) -> str:
     archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
     if cfg.get("is_encoder_decoder"):
         return "encoder-decoder"
@@ -284,7 +293,7 @@ def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens:
                            "its own Python code from the folder or the hub, which autotune does not run unless told to",
                            "read that code, then pass --trust-remote-code (trust_remote_code=True); it is recorded in the config", trust=True))
     if for_generation:
-        kind = model_kind(p)
+        kind = _kind(cfg)
         if kind != "causal-lm":
             arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
             out.append(Problem("MODEL-NOT-CAUSAL-LM", f"this is an {kind} model ({arch}): autotune tunes text generation (a causal LM's "
@@ -298,9 +307,7 @@ def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens:
     for f in sorted(p.glob("*.safetensors")):
         try:
             size = f.stat().st_size
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
+            n, header = _safetensors_header(f)
             end = max((int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"), default=0)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             continue  # read_model already refused an unreadable header
