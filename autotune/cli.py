@@ -255,8 +255,6 @@ def _tune(args: argparse.Namespace) -> int:
     from .render import tune_text
     from .tuner import tune
 
-    if args.wait < 0 or args.wait != args.wait:
-        raise UserError(f"--wait must be a number of seconds >= 0, found {args.wait}")
     if args.output:
         writable_path(args.output, "-o")
     if args.plot:

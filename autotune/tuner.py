@@ -254,6 +254,8 @@ def tune(
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (v <= 0 if least == 0 else v < 0):
             raise UserError(f"{name} ({flag}) must be a finite number {'> 0' if least == 0 else '>= 0'}, found {v!r}")
+    if wait is not None and not (isinstance(wait, (int, float)) and wait >= 0):  # NaN too; inf waits for ever
+        raise UserError(f"wait (--wait) must be a number of seconds >= 0, found {wait!r}")
     if use_cache or model is None:
         usable_cache_dir()
     workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
@@ -286,9 +288,9 @@ def tune(
         runner.start()
     try:
         here = facts or probe()
-        if own_runner and not candidate_timeout and not (here.gpus not in (UNKNOWN, ()) and here.gpus):
-            runner.timeout_s = 300.0
         device = "cuda" if here.gpus not in (UNKNOWN, ()) and here.gpus else "cpu"
+        if own_runner and not candidate_timeout and device == "cpu":
+            runner.timeout_s = 300.0
         visible = {str(g.index) for g in here.gpus} if device == "cuda" else set()
         unseen = sorted(k for k in (budget or {}) if k.isdigit() and k not in visible)
         if unseen:

@@ -205,7 +205,7 @@ def test_children_die_with_a_killed_parent(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--time-budget", "nan"], ["--timeout", "0"], ["--min-throughput", "-3"], ["--headroom", "inf"],
-    ["-o", "/nonexistent/cfg.json"], ["--plot", "out.txt"], ["--plot", "/nonexistent/p.png"], ["-o", "."],
+    ["-o", "/nonexistent/cfg.json"], ["--plot", "out.txt"], ["--plot", "/nonexistent/p.png"], ["-o", "."], ["--wait", "-1"], ["--wait", "nan"],
 ])
 def test_bad_arguments_and_output_paths_are_refused_before_the_tune(tiny_llama, tmp_path, args):
     t0 = time.perf_counter()
