@@ -60,6 +60,7 @@ def main() -> None:
     from autotune.config import Workload
     from autotune.machine import probe
     from autotune.runner import ForkRunner
+    from autotune.space import regime
 
     facts = probe() if args.part != "none" else None
     workload = Workload(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
@@ -70,8 +71,7 @@ def main() -> None:
     def keep(t) -> bool:
         if args.part == "none" or (args.only and not any(fnmatch.fnmatchcase(t.label, g) for g in args.only)):
             return False
-        gen = t.config["generate"]
-        compiled = bool(gen.get("cache_implementation")) and not gen.get("disable_compile")
+        compiled = regime(t.config, "cuda") == "compiled"  # the tune's own test of the regime
         return t.label not in have and (args.part == "all" or (args.part == "compiled") == compiled)
 
     runner = ForkRunner(timeout_s=600, preload_model_type="llama")
