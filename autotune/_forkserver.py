@@ -1,13 +1,16 @@
 """A warm fork server: imports torch and transformers once (never CUDA), then forks a fresh
 child per candidate. Protocol: one JSON request per line on stdin
-``{"spec": {...}, "out_dir": "...", "timeout": s}``, one JSON reply per line on stdout
-``{"exit": code, "signal": n | null, "timed_out": bool}``. Started by ``runner.ForkRunner``.
+``{"spec": {...}, "out_dir": "...", "timeout": s}``, one JSON reply per line on stdout when that
+child has ended ``{"out_dir": "...", "exit": code, "signal": n | null, "timed_out": bool}``.
+Several children may be running at once (the runner holds all but one of them before their timed
+runs); replies come in the order the children end. Started by ``runner.ForkRunner``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -31,14 +34,30 @@ def serve(preload: list[str]) -> None:
     out = sys.stdout
     out.write(json.dumps({"ready": True, "cuda_initialized": torch.cuda.is_initialized()}) + "\n")
     out.flush()
-    for line in sys.stdin:
-        req = json.loads(line)
-        out.write(json.dumps(_one(req)) + "\n")
-        out.flush()
+    running: dict[int, tuple[str, float]] = {}  # pid -> (out_dir, deadline)
+    buf, eof = b"", False
+    while not eof or running:
+        # stdin is read raw (os.read), not through sys.stdin's buffer, which select cannot see
+        ready, _, _ = select.select([] if eof else [0], [], [], 0.05 if running else None)
+        if ready:
+            chunk = os.read(0, 65536)
+            eof = not chunk
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    req = json.loads(line)
+                    running[_fork(req)] = (req["out_dir"], time.monotonic() + float(req["timeout"]))
+        for pid, (out_dir, deadline) in list(running.items()):
+            reply = _reap(pid, deadline)
+            if reply is not None:
+                del running[pid]
+                out.write(json.dumps({"out_dir": out_dir, **reply}) + "\n")
+                out.flush()
 
 
-def _one(req: dict) -> dict:
-    out_dir, timeout = req["out_dir"], float(req["timeout"])
+def _fork(req: dict) -> int:
+    out_dir = req["out_dir"]
     server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child
@@ -48,6 +67,8 @@ def _one(req: dict) -> dict:
             log = os.open(os.path.join(out_dir, "log.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            null = os.open(os.devnull, os.O_RDONLY)  # the server's requests are not the child's
+            os.dup2(null, 0)
             from autotune.worker import run_candidate
 
             run_candidate(req["spec"], out_dir)
@@ -59,18 +80,22 @@ def _one(req: dict) -> dict:
             code = 1
         os._exit(code)
     # where the runner finds the child (its own session) to end it with the tune
-    with open(os.path.join(out_dir, "child.pid"), "w") as f:
+    tmp = os.path.join(out_dir, "child.pid.tmp")
+    with open(tmp, "w") as f:
         f.write(str(pid))
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            kill_group(pid)
-            os.waitpid(pid, 0)
-            return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
-        time.sleep(0.05)
+    os.replace(tmp, os.path.join(out_dir, "child.pid"))
+    return pid
+
+
+def _reap(pid: int, deadline: float) -> dict | None:
+    """The reply for a child that has ended (killed first if past its deadline); None while it runs."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if not done:
+        if time.monotonic() <= deadline:
+            return None
+        kill_group(pid)
+        os.waitpid(pid, 0)
+        return {"exit": None, "signal": signal.SIGKILL, "timed_out": True}
     if os.WIFSIGNALED(status):
         return {"exit": None, "signal": os.WTERMSIG(status), "timed_out": False}
     return {"exit": os.WEXITSTATUS(status), "signal": None, "timed_out": False}

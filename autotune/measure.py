@@ -100,8 +100,12 @@ class Bench:
         return result
 
     # ---- measuring
-    def measure(self, t: Trial) -> None:
-        """One full measurement of ``t`` (load, warm-up, timed runs, logits) in a fresh process."""
+    def measure(self, t: Trial, launched: Any = None) -> None:
+        """One full measurement of ``t`` (load, warm-up, timed runs, logits) in a fresh process;
+        ``launched``: its process already started by :meth:`launch` (released here)."""
+        if launched is not None:
+            self.record(t, self.finish(launched))
+            return
         if t.status == "dropped":
             return
         if not self.budget_left():
@@ -109,7 +113,9 @@ class Bench:
                 t.status, t.reason = "not measured", f"time budget of {self.time_budget:.0f} s spent"
             return
         key = self.cache.trial_key(t, len(t.results)) if self.cache else None
-        result = self.run_spec(key, self.spec(t))
+        self.record(t, self.run_spec(key, self.spec(t)))
+
+    def record(self, t: Trial, result: dict[str, Any]) -> None:
         over = self.over_host_budget(result)
         if over:
             result = {**result, "status": "error", "oom": True, "error": over}
@@ -126,6 +132,58 @@ class Bench:
             t.reason = result.get("error", "")
             if result.get("oom"):
                 t.reason = "out of memory: " + t.reason
+
+    # ---- warming up beside each other
+    def can_launch(self) -> bool:
+        return callable(getattr(self.runner, "launch", None))
+
+    def launch(self, trials: Iterable[Trial]) -> dict[str, Any]:
+        """Start the measurements of ``trials`` now, all at once, each held before its timed runs
+        (the runner's :meth:`~autotune.runner.ForkRunner.launch`): their loads and warm-ups —
+        for a compiled static cache, the compile — overlap, and :meth:`measure` later times each
+        alone. Returns {label: launched}; a trial left out (dropped, cached, out of budget, a
+        runner that cannot launch, tensor parallel) is measured the plain way."""
+        out: dict[str, Any] = {}
+        if not self.can_launch() or not self.budget_left():
+            return out
+        for t in trials:
+            if t.status not in ("planned", STATUS_OK):
+                continue
+            key = self.cache.trial_key(t, len(t.results)) if self.cache else None
+            spec = self.spec(t)
+            if (key and self.cache and self.cache.get(key) is not None) or spec["nproc"] > 1:
+                continue
+            self.progress(f"{t.label} (warming up beside others)", *self.counts())
+            out[t.label] = {"key": key, "run": self.runner.launch(spec), "start_s": self.elapsed(), "label": t.label}
+        return out
+
+    def warm(self, launched: dict[str, Any]) -> None:
+        """Until every launched process has warmed up (or ended): nothing may be timed before."""
+        for item in launched.values():
+            item["run"].wait_warm()
+
+    def cancel(self, launched: dict[str, Any], keep: Iterable[str] = ()) -> None:
+        """End the launched processes not in ``keep`` (e.g. started ahead of a screen that ruled them out)."""
+        keep = set(keep)
+        for label in [k for k in launched if k not in keep]:
+            item = launched.pop(label)
+            item["run"].cancel()
+            self.timeline.append({"label": f"{label} (ended unmeasured)", "start_s": round(item["start_s"], 1),
+                                  "wall_s": round(self.elapsed() - item["start_s"], 1), "cached": False})
+
+    def finish(self, item: dict[str, Any]) -> dict[str, Any]:
+        run = item["run"]
+        run.wait_warm()
+        run.release()
+        t0 = self.elapsed()
+        result = run.result()
+        self.timeline.append({"label": item["label"], "start_s": round(item["start_s"], 1), "wall_s": round(self.elapsed() - item["start_s"], 1),
+                              "cached": False, "warm_s": result.get("warm_s"), "released_s": round(t0, 1)})
+        if result.get("contention"):
+            self.contended.append(f"{item['label']}: {result['contention']}")
+        elif item["key"] and self.cache:
+            self.cache.put(item["key"], result)
+        return result
 
     def over_host_budget(self, result: dict[str, Any]) -> str | None:
         """--max-memory cpu=... on a run that used no GPU: a process cannot be capped in RAM

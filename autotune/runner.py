@@ -13,6 +13,11 @@ Two other ways in, with the same timeout, result files and failure reports:
   runs wait until the server is ready, so the two never overlap with a measurement;
 * a tensor-parallel candidate (``spec["nproc"] > 1``) is started with torchrun, one fresh
   process per GPU; the ranks' results are merged (rank 0's timings, every rank's GPU peak).
+
+Several candidates may also be *launched* at once (:meth:`ForkRunner.launch`): each loads and
+warms up beside the others (a compiled static cache compiles there: 25-50 s, mostly host work,
+on an H100), then waits before its timed runs until it is released; the caller releases them one
+at a time, so no timed run shares the machine with another candidate's work.
 """
 
 from __future__ import annotations
@@ -37,6 +42,73 @@ class CandidateRunner(Protocol):
     def close(self) -> None: ...
 
 
+class Launch:
+    """A candidate started in the fork server and held before its timed runs (``spec["wait_for"]``)
+    until :meth:`release`. Made by :meth:`ForkRunner.launch`; :meth:`result` once released."""
+
+    def __init__(self, runner: "ForkRunner", spec: dict[str, Any], out: Path, timeout: float) -> None:
+        self.runner, self.out, self.timeout = runner, out, timeout
+        self.go, self.warm = out / "go", out / "warm"
+        self.spec = {**spec, "wait_for": str(self.go), "warm_file": str(self.warm), "wait_limit_s": 2 * timeout}
+        self.t0 = time.perf_counter()
+        self.warm_s: float | None = None  # from the launch to the end of its warm-up (or of the process)
+        self._error: str | None = None
+        self._reply: dict[str, Any] | None = None
+        # the request waits for the fork server in a thread: a launch does not block its caller
+        # while the server is still importing
+        self._sender = threading.Thread(target=self._send, daemon=True)
+        self._sender.start()
+
+    def _send(self) -> None:
+        try:
+            self.runner._submit(self.spec, self.out, 3 * self.timeout)  # warm-up, its turn, timed runs
+        except RuntimeError as e:
+            self._error = str(e)
+
+    def _ended(self) -> bool:
+        if self._reply is None and not self._sender.is_alive() and self._error is None:
+            self._reply = self.runner._await(self.out, 0)
+        return self._error is not None or self._reply is not None
+
+    def wait_warm(self) -> None:
+        """Until it has warmed up (or ended); killed if that takes longer than its timeout."""
+        end = self.t0 + self.timeout
+        while not self.warm.exists() and not self._ended():
+            if time.perf_counter() > end:
+                self.cancel(timed_out=True)
+                break
+            time.sleep(0.05)
+        self.warm_s = time.perf_counter() - self.t0
+
+    def release(self) -> None:
+        """Let its timed runs start."""
+        self.go.touch()
+
+    def result(self) -> dict[str, Any]:
+        """Its result (after :meth:`release`), as :meth:`ForkRunner.run` gives one."""
+        self._sender.join()
+        if self._error is not None:
+            reply: dict[str, Any] = {"exit": None, "signal": None, "timed_out": False, "error": self._error}
+        else:
+            if self._reply is None:
+                self._reply = self.runner._await(self.out, self.timeout)
+            if self._reply is None:  # still running a timeout after its release
+                self.cancel(timed_out=True)
+            reply = self._reply or {"exit": None, "signal": None, "timed_out": True}
+        res = self.runner._result(self.spec, self.out, reply, time.perf_counter() - self.t0, "forked, warmed up beside others")
+        res["warm_s"] = round(self.warm_s, 2) if self.warm_s is not None else None
+        return res
+
+    def cancel(self, *, timed_out: bool = False) -> None:
+        """End it now (its whole session) and collect the server's reply."""
+        self._sender.join()
+        if self._error is not None or self._reply is not None:
+            return
+        self.runner._kill_child(self.out)
+        reply = self.runner._await(self.out, 30)
+        self._reply = {**(reply or {"exit": None, "signal": signal.SIGKILL}), "timed_out": timed_out}
+
+
 class ForkRunner:
     """Runs each candidate in a child of a warm fork server, with a timeout."""
 
@@ -56,7 +128,10 @@ class ForkRunner:
         self._hello: threading.Thread | None = None
         self._hello_line: str | None = None
         self._ready_flag = Path(self._tmp.name) / "server-ready"
-        self._current: Path | None = None  # the run folder of the candidate the server is running
+        self._cv = threading.Condition()
+        self._replies: dict[str, dict[str, Any]] = {}  # run folder -> the server's reply for its child
+        self._pending: dict[str, subprocess.Popen] = {}  # run folder -> the server running its child
+        self._write = threading.Lock()
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -75,27 +150,41 @@ class ForkRunner:
         # the server's parent pid: it exits at once if this process is already gone when it asks
         # Linux to end it with its parent (a tune killed while the server was still starting)
         env = {**self._env(), "AUTOTUNE_SERVER_PARENT": str(os.getpid())}
-        self.proc = subprocess.Popen([sys.executable, "-m", "autotune._forkserver", *self.preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+        self.proc = proc = subprocess.Popen([sys.executable, "-m", "autotune._forkserver", *self.preload], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
 
         def hello() -> None:
-            self._hello_line = self._read(180)
+            self._hello_line = self._read(proc, 180)
             self.server_start_s = time.perf_counter() - self._t0
             self._ready_flag.touch()  # also on failure: nothing waits for a server that will not come
+            if self._hello_line:  # then every reply, filed by run folder, until the server ends
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    reply = json.loads(line)
+                    with self._cv:
+                        self._replies[reply["out_dir"]] = reply
+                        self._pending.pop(reply["out_dir"], None)
+                        self._cv.notify_all()
+            with self._cv:  # the server is gone: what it was running gets no reply of its own
+                for d in [d for d, p in self._pending.items() if p is proc]:
+                    self._replies.setdefault(d, {"exit": None, "signal": None, "timed_out": False, "server_lost": True})
+                    del self._pending[d]
+                self._cv.notify_all()
 
         self._hello = threading.Thread(target=hello, daemon=True)
         self._hello.start()
 
     def _server_ready(self) -> bool:
-        return self._hello is not None and not self._hello.is_alive()
+        return self._hello is not None and self._ready_flag.exists()
 
     def _server(self) -> subprocess.Popen:
-        if self.proc is not None and self.proc.poll() is None and self._server_ready():
+        if self.proc is not None and self.proc.poll() is None and self._server_ready() and self._hello_line:
             return self.proc
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        assert self._hello is not None and self.proc is not None
-        self._hello.join()
+        assert self.proc is not None
+        while not self._ready_flag.exists():
+            time.sleep(0.02)
         hello = self._hello_line
         if not hello or not json.loads(hello).get("ready"):
             self.close_server()
@@ -125,21 +214,14 @@ class ForkRunner:
             return {"exit": None, "signal": -code, "timed_out": False}
         return {"exit": code, "signal": None, "timed_out": False}
 
-    def _read(self, timeout: float) -> str | None:
-        assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline() if ready else None
+    @staticmethod
+    def _read(proc: subprocess.Popen, timeout: float) -> str | None:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        return proc.stdout.readline() if ready else None
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        while True:  # a fresh folder: earlier runs' folders hold logits that cached results point to
-            self.count += 1
-            out = self.workdir / f"{self.count:03d}"
-            try:
-                out.mkdir(parents=True)
-                break
-            except FileExistsError:
-                continue
+        out = self._folder()
         self.runs += 1
         timeout = float(spec.get("timeout_s") or self.timeout_s)
         t0 = time.perf_counter()
@@ -154,46 +236,98 @@ class ForkRunner:
             reply = self._process([sys.executable, "-m", "autotune.worker"], {**spec, "wait_for": str(self._ready_flag), "parent_pid": os.getpid()},
                                   out, timeout)
         else:
-            proc = self._server()
-            assert proc.stdin is not None
-            self._current = out
-            proc.stdin.write(json.dumps({"spec": spec, "out_dir": str(out), "timeout": timeout}) + "\n")
-            proc.stdin.flush()
+            self._submit(spec, out, timeout)
             try:
-                line = self._read(timeout + 60)
+                reply = self._await(out, timeout + 60)
             except BaseException:  # an interrupt: end the candidate (its own session) and the server now
                 self.close_server()
                 raise
-            self._current = None
-            reply = json.loads(line) if line else {"exit": None, "signal": None, "timed_out": True, "server_lost": True}
-            if line is None:
+            if reply is None:
+                reply = {"exit": None, "signal": None, "timed_out": True, "server_lost": True}
                 self.close_server()
-        wall = time.perf_counter() - t0
+        return self._result(spec, out, reply, time.perf_counter() - t0, how)
+
+    def launch(self, spec: dict[str, Any]) -> Launch:
+        """Start ``spec`` in the fork server now, held before its timed runs until released (see
+        :class:`Launch`). A tensor-parallel spec cannot be launched: :meth:`run` it."""
+        if int(spec.get("nproc") or 1) > 1:
+            raise ValueError("a tensor-parallel candidate runs with torchrun: use run()")
+        return Launch(self, spec, self._folder(), float(spec.get("timeout_s") or self.timeout_s))
+
+    def _folder(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        while True:  # a fresh folder: earlier runs' folders hold logits that cached results point to
+            self.count += 1
+            out = self.workdir / f"{self.count:03d}"
+            try:
+                out.mkdir(parents=True)
+                return out
+            except FileExistsError:
+                continue
+
+    def _submit(self, spec: dict[str, Any], out: Path, timeout: float) -> None:
+        """Hand ``spec`` to the fork server (waiting for it to be ready)."""
+        with self._write:
+            proc = self._server()
+            assert proc.stdin is not None
+            with self._cv:
+                self._pending[str(out)] = proc
+            try:
+                proc.stdin.write(json.dumps({"spec": spec, "out_dir": str(out), "timeout": timeout}) + "\n")
+                proc.stdin.flush()
+            except OSError:  # the server died: its reader files this run as lost
+                pass
+
+    def _await(self, out: Path, timeout: float) -> dict[str, Any] | None:
+        """The server's reply for the child in ``out``; None if none came within ``timeout``."""
+        with self._cv:
+            self._cv.wait_for(lambda: str(out) in self._replies, timeout)
+            return self._replies.pop(str(out), None)
+
+    def _kill_child(self, out: Path, wait_s: float = 5.0) -> None:
+        """Kill the child running in ``out`` and all it started (the server writes its pid just after the fork)."""
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                kill_group(int((out / "child.pid").read_text()))
+                return
+            except (OSError, ValueError):
+                with self._cv:
+                    if str(out) not in self._pending or time.monotonic() > end:
+                        return
+                time.sleep(0.02)
+
+    def _result(self, spec: dict[str, Any], out: Path, reply: dict[str, Any], wall: float, how: str) -> dict[str, Any]:
+        timeout = float(spec.get("timeout_s") or self.timeout_s)
         if reply.get("timed_out"):
             result = {"label": spec["label"], "status": "timeout", "error": f"no result after {timeout:.0f} s (hung?); killed"}
         elif (out / "result.json").is_file():
             result = _merge_ranks(out)
+        elif reply.get("error"):
+            result = {"label": spec["label"], "status": "crashed", "error": str(reply["error"])}
         else:
-            how = f"killed by signal {signal.Signals(reply['signal']).name}" if reply.get("signal") else f"exit code {reply.get('exit')}"
-            result = {"label": spec["label"], "status": "crashed", "error": f"the candidate's process died ({how}): {_tail(out / 'log.txt')}"}
+            died = f"killed by signal {signal.Signals(reply['signal']).name}" if reply.get("signal") else f"exit code {reply.get('exit')}"
+            result = {"label": spec["label"], "status": "crashed", "error": f"the candidate's process died ({died}): {_tail(out / 'log.txt')}"}
         result["wall_s"] = round(wall, 2)
         result["dir"] = str(out)
         result["process"] = how
         return result
 
+    def _kill_pending(self, wait_s: float) -> None:
+        with self._cv:
+            pending = list(self._pending)
+        for d in pending:
+            self._kill_child(Path(d), wait_s=wait_s)
+
     def close_server(self) -> None:
-        if self._current is not None:  # a candidate still running: the server wrote its pid
-            try:
-                kill_group(int((self._current / "child.pid").read_text()))
-            except (OSError, ValueError):
-                pass
-            self._current = None
+        self._kill_pending(0)  # candidates still running: the server wrote their pids
         if self.proc is not None:
             kill_group(self.proc.pid)
             self.proc.wait()
             self.proc = None
 
     def close(self) -> None:
+        self._kill_pending(1)  # launched and never released (an interrupted tune): ended now
         if self.proc is not None and self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()

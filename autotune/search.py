@@ -28,7 +28,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
-from .memory import BYTES
+from .memory import BYTES, GIB
 from .space import DTYPES, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
 
@@ -113,14 +113,20 @@ class Search:
         blind = [t for t in live if t.config["from_pretrained"].get("attn_implementation") in SCREEN_BLIND]
         seen = [t for t in live if t not in blind] or blind
         blind = [t for t in blind if t not in seen]
+        # the likeliest finalists compile while the screen runs: compiling is host work, and the
+        # screen reads the GPU's own time per step, which host load does not move
+        prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
+        ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
+        ahead = bench.launch(ahead_of) if self.overlap_fits(ahead_of, also=seen) else {}
+        ahead_labels = list(ahead)
         screened = bench.screen(seen) if len(seen) > 1 else False
-        bench.measure(baseline)
         if screened:
             for t in seen:
                 if t.screen.get("status") != STATUS_OK:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
             ranked = sorted((t for t in seen if t.screen.get("status") == STATUS_OK), key=lambda t: (t.screen["step_ms"], t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
             if not ranked:
+                bench.cancel(ahead)
                 return False
             lead = ranked[0]
             best_ms = lead.screen["step_ms"]
@@ -147,8 +153,21 @@ class Search:
                 t.status, t.reason = "not measured", "not compiled: no screen measurement, and the roofline prior (bytes per weight) ranks it lower"
             if len(live) > 1:
                 self.notes.append("screen failed: compiled candidates chosen by bytes per weight instead")
+        # every finalist compiles before anything is timed: beside the others where they fit
+        # together, ahead of the screen where it was the prior's pick
+        bench.cancel(ahead, keep=[t.label for t in queue])
+        rest = [t for t in queue if t.label not in ahead]
+        if ahead or len(rest) > 1:
+            launched = {**ahead, **(bench.launch(rest) if self.overlap_fits(queue) else {})}
+        else:
+            launched = {}
+        if ahead_labels:
+            self.notes.append(f"compiled while the screen ran (the roofline prior's picks): {', '.join(ahead_labels)}; "
+                              f"{'kept ' + ', '.join(ahead) if ahead else 'none was a finalist'}")
+        bench.warm(launched)
+        bench.measure(baseline)
         for t in queue:
-            bench.measure(t)
+            bench.measure(t, launched.get(t.label))
         # a finalist that failed to compile gives its place to the next screened candidate
         while not any(t.status == STATUS_OK for t in queue) and spare:
             nxt = spare.pop(0)
@@ -289,8 +308,24 @@ class Search:
         # and move ~10 % between processes: one more round each, not two
         rounds = 1 if factor == DECISIVE["compiled"] else self.finalist_rounds
         for _ in range(rounds):
+            # compiled ones warm up (compile again) side by side, then are timed one after the other
+            launched = self.bench.launch([a, b]) if factor == DECISIVE["compiled"] and self.overlap_fits([a, b]) else {}
+            self.bench.warm(launched)
             for t in (a, b):  # interleaved, in fresh processes
-                self.bench.measure(t)
+                self.bench.measure(t, launched.get(t.label))
+
+    def overlap_fits(self, trials: list[Trial], also: list[Trial] = ()) -> bool:
+        """May ``trials`` warm up at once on GPU 0 (beside the biggest of ``also``, a screen)?
+        Only on one GPU, under no --max-memory budget (a per-process cap would not bound their
+        sum), and when their estimates together fit what is free."""
+        sp = self.space
+        if sp.device != "cuda" or len(trials) < 1 or self.bench.max_memory or not self.bench.can_launch():
+            return False
+        if any(t.config["from_pretrained"].get("device_map") != {"": 0} or not isinstance(t.estimate_gib, (int, float)) for t in [*trials, *also]):
+            return False
+        budget = sp.budget(0)
+        extra = max((t.estimate_gib for t in also), default=0.0)
+        return budget is not None and (sum(t.estimate_gib for t in trials) + extra) * GIB + sp.headroom <= budget
 
 
 def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:

@@ -8,10 +8,11 @@ learns goes into ``out_dir/result.json`` (and ``logits.pt``); an exception becom
 The spec is plain data (JSON-able):
 ``{"model", "label", "config" (a config dict), "workload": {...}, "reps", "min_reps",
 "quality_steps", "seed", "memory_budget": {"0": bytes} | None, "wait_for": path | None,
-"capacity": [{"batch_size", "prompt_len"}, ...] | None,
+"wait_limit_s", "warm_file": path | None, "capacity": [{"batch_size", "prompt_len"}, ...] | None,
 "fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
 ``fault`` exists for tests: it injects the failure a real candidate can have. ``capacity``
-turns the run into a memory check: one generate per listed shape, no timing.
+turns the run into a memory check: one generate per listed shape, no timing. ``warm_file`` is
+touched when the warm-up is done; the timed runs then wait for ``wait_for`` to exist.
 
 Run as a script (``python -m autotune.worker SPEC.json OUT_DIR``) it serves a fresh
 interpreter, and under ``torchrun`` each tensor-parallel rank: rank 0 writes
@@ -176,13 +177,17 @@ def _enforce_budget(torch: Any, budget: dict[str, Any], world: int, local_rank: 
 
 
 def _wait_for(path: str | None, limit_s: float = 300.0) -> None:
-    """Hold the timed runs until ``path`` exists (a process started beside this one is busy
-    until then: the fork server importing while a first candidate runs in a fresh interpreter)."""
+    """Hold the timed runs until ``path`` exists: until the fork server has imported, for a
+    first candidate run in a fresh interpreter beside it; until the runner releases it, for a
+    candidate launched beside others. Never past ``limit_s``: timing while another candidate
+    may be busy would be a wrong result, so that is a failure."""
     if not path:
         return
     end = time.monotonic() + limit_s
-    while not os.path.exists(path) and time.monotonic() < end:
-        time.sleep(0.05)
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise RuntimeError(f"not released for its timed runs within {limit_s:.0f} s")
+        time.sleep(0.02)
 
 
 def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w: dict[str, Any], spec: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -433,8 +438,11 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     first_s = time.perf_counter() - t1
     if compiled:
         generate()
-    _wait_for(spec.get("wait_for"))
+    if spec.get("warm_file"):  # the runner may now let another candidate's timed runs go first
+        Path(spec["warm_file"]).touch()
+    _wait_for(spec.get("wait_for"), float(spec.get("wait_limit_s") or 300.0))
     graphs_before = _dynamo_graphs(torch)
+    window = [time.time()]  # wall-clock bounds of the timed runs (comparable across processes)
 
     # Timed runs: at least ``min_reps``; up to ``reps`` while they disagree by more than
     # ``rep_spread`` of their median (the finalists are re-measured in fresh processes anyway).
@@ -460,6 +468,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             decode = (w["batch_size"] * (n_new - 1) / (times[-1] - times[0])) if n_new > 1 else float("nan")
             runs.append({"ttft_s": ttft, "total_s": total, "decode_tok_s": decode, "itl_s": itl})
     finally:
+        window.append(time.time())
         if gc_was:
             gc.enable()
         if pinned is not None:
@@ -475,6 +484,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
         "ttft_s": statistics.median(r["ttft_s"] for r in runs),
         "total_s": statistics.median(r["total_s"] for r in runs),
+        "timed_window": window,
     }
     itl = sorted(x for r in runs for x in r["itl_s"])
     if itl:

@@ -4,6 +4,7 @@
     PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase b --out DIR   # 1.1 B batch 1 again (wall time), batch 8 tune, the pick re-run 3x
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase c --out DIR   # memory objective with bitsandbytes (wheel)
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase d --out DIR   # 1.1 B batch 1 (wall time, capacity check), memory objective on the dynamic cache
+    PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase e --out DIR   # 1.1 B batch 1 tune wall: first on the machine (cold compiles), then again (inductor's caches warm)
 
 The model is a random Llama of the 1.1 B shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 KV heads, vocab 32000) saved in bf16, built locally on first use.
@@ -71,6 +72,10 @@ def cli(out: Path, name: str, *args: str) -> dict:
         walls = [m.get("wall_s") for m in t.get("measurements", [])]
         print(f"  {t['label'][:50]:50} {t['status']:12} {s.get('decode_tok_s')} tok/s ttft {s.get('ttft_ms')} ms peak {s.get('gpu_peak_gib')} "
               f"est {t.get('estimate_gib')} runs {s.get('runs')} wall {walls} {t['reason'][:90]}", flush=True)
+        if (t.get("screen") or {}).get("step_ms"):
+            print(f"    screen {t['screen']['step_ms']:.3f} ms/step", flush=True)
+    for row in report.get("timeline", []):
+        print("  timeline", json.dumps(row), flush=True)
     print("  capacity", json.dumps(report.get("capacity")), flush=True)
     for n in report.get("notes", []):
         print("  note:", n[:200], flush=True)
@@ -123,7 +128,7 @@ def reruns(out: Path, model: Path, report: dict, n: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["a", "b", "c", "d"], required=True)
+    ap.add_argument("--phase", choices=["a", "b", "c", "d", "e"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="/tmp/llama-1.1b")
     args = ap.parse_args()
@@ -137,6 +142,12 @@ def main() -> None:
         rep = cli(out, "tune-b8", str(model), "--batch-size", "8", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         if rep.get("pick"):
             reruns(out, model, rep)
+    elif args.phase == "e":
+        b1 = [str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache"]
+        cli(out, "tune-b1-cold", *b1)
+        cli(out, "tune-b1-warm", *b1)
+        left = subprocess.run(["bash", "-c", "ps -eo pid,args | grep -c '[a]utotune' || true"], capture_output=True, text=True).stdout.strip()
+        print(f"autotune processes left after the tunes: {left}", flush=True)
     elif args.phase == "d":
         cli(out, "tune-b1", str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         cli(out, "tune-b1-memory", str(model), "--objective", "memory", "--quantization", "always", "--cache", "dynamic",

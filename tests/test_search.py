@@ -335,3 +335,78 @@ def test_progress_counts_only_rise(llama):
     assert len(seen) >= 4
     assert [d for d, _ in seen] == list(range(len(seen))), "one more run each time (screen and capacity runs count)"
     assert all(d < t for d, t in seen)
+
+
+class LaunchingRunner(RegimeRunner):
+    """RegimeRunner that can also launch candidates held before their timed runs (as
+    ForkRunner.launch does), logging what happened in which order."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.events: list[tuple[str, str]] = []
+
+    def run(self, spec):
+        self.events.append(("run", spec["label"]))
+        return super().run(spec)
+
+    def launch(self, spec):
+        runner = self
+        runner.events.append(("launch", spec["label"]))
+
+        class Held:
+            warm_done = False
+
+            def wait_warm(self):
+                if not self.warm_done:
+                    runner.events.append(("warm", spec["label"]))
+                self.warm_done = True
+
+            def release(self):
+                runner.events.append(("release", spec["label"]))
+
+            def result(self):
+                return RegimeRunner.run(runner, spec)
+
+            def cancel(self):
+                runner.events.append(("cancel", spec["label"]))
+
+        return Held()
+
+
+def test_finalists_compile_ahead_of_the_screen_and_beside_each_other_but_are_timed_alone(llama):
+    # the screen puts fp32 eager between bf16 sdpa and fp16 sdpa: fp16 sdpa, started ahead by the
+    # roofline prior, is ended unmeasured and fp32 eager is compiled after the screen
+    runner = LaunchingRunner(screen_noise={("float32", "eager"): 74.3 / 117.7 * 1.01, ("float16", "sdpa"): 1.2})
+    r = tuned(llama, runner)
+    ev = runner.events
+    launched = [lb for what, lb in ev if what == "launch"]
+    screen_at = next(i for i, (what, lb) in enumerate(ev) if what == "run" and lb.startswith("screen"))
+    ahead = {lb for what, lb in ev[:screen_at] if what == "launch"}
+    assert ahead == {"bfloat16 sdpa static-cache+compile", "float16 sdpa static-cache+compile"}, ev
+    assert ("cancel", "float16 sdpa static-cache+compile") in ev
+    baseline_at = ev.index(("run", "baseline: from_pretrained(device_map) defaults"))
+    assert screen_at < ev.index(("launch", "float32 eager static-cache+compile")) < baseline_at, "the other finalist compiled after the screen"
+    first_release = next(i for i, (what, _) in enumerate(ev) if what == "release")
+    kept = {"bfloat16 sdpa static-cache+compile", "float32 eager static-cache+compile"}
+    # everything kept has warmed up before the first timed run (the baseline's), then each is released in turn
+    assert all(ev.index(("warm", lb)) < baseline_at < first_release for lb in kept)
+    assert key(r.pick.config) == ("bfloat16", "sdpa") and compiled(r.pick.config)
+    fp16 = next(t for t in r.trials if t.label == "float16 sdpa static-cache+compile")
+    assert fp16.status == "not measured" and not fp16.results
+    assert any("compiled while the screen ran" in n for n in r.notes)
+
+
+def test_close_compiled_finalists_warm_up_side_by_side_again_for_the_head_to_head(llama):
+    runner = LaunchingRunner()  # bf16 sdpa 117.7 vs fp16 sdpa 112.0 tok/s: not decisive
+    r = tuned(llama, runner)
+    launched = [lb for what, lb in runner.events if what == "launch"]
+    assert launched == ["bfloat16 sdpa static-cache+compile", "float16 sdpa static-cache+compile"] * 2, runner.events
+    assert not [e for e in runner.events if e[0] == "cancel"], "the prior's picks were the screen's finalists"
+    assert len(next(t for t in r.trials if t.label == launched[0]).results) == 2
+
+
+def test_nothing_warms_up_beside_others_under_a_memory_budget(llama):
+    runner = LaunchingRunner()
+    Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner, check_capacity=False,
+          max_memory={"0": 40 * 1024**3}).run()
+    assert not [e for e in runner.events if e[0] == "launch"]

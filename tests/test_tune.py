@@ -235,3 +235,46 @@ def test_capacity_mode_runs_each_shape_in_the_worker(tiny_llama, tmp_path):
         runner.close()
     assert r["status"] == "ok" and "runs" not in r
     assert [(c["batch_size"], c["prompt_len"], c["fits"]) for c in r["capacity_checks"]] == [(3, 8, True), (1, 40, True)]
+
+
+def test_launched_candidates_warm_up_together_and_are_timed_in_turn(tiny_llama, tmp_path):
+    """Several candidates load and warm up at once, each held before its timed runs; released
+    one at a time, their timed runs never overlap. A held one can be cancelled; plain runs go on."""
+    from autotune.runner import ForkRunner
+
+    def spec(label):
+        return {"model": str(tiny_llama), "label": label, "workload": {"batch_size": 1, "prompt_len": 8, "new_tokens": 4},
+                "config": {"from_pretrained": {"dtype": "float32"}, "generate": {}, "runtime": {}}, "reps": 2, "seed": 0, "fault": None}
+
+    runner = ForkRunner(timeout_s=120, workdir=tmp_path / "runs")
+    runner.start()
+    try:
+        a, b = runner.launch(spec("a")), runner.launch(spec("b"))  # while the server still imports
+        a.wait_warm()
+        b.wait_warm()
+        assert (a.out / "warm").exists() and (b.out / "warm").exists()
+        assert not (a.out / "result.json").exists() and not (b.out / "result.json").exists(), "held before the timed runs"
+        b.release()
+        rb = b.result()
+        a.release()
+        ra = a.result()
+        c = runner.launch(spec("c"))
+        c.wait_warm()
+        c.cancel()
+        rc = c.result()
+        plain = runner.run(spec("d"))
+    finally:
+        runner.close()
+    assert ra["status"] == rb["status"] == plain["status"] == "ok", (ra, rb, plain)
+    assert rb["timed_window"][1] <= ra["timed_window"][0], "a's timed runs started after b's had ended"
+    assert ra["warm_s"] is not None and ra["warm_s"] < ra["wall_s"]
+    assert rc["status"] == "crashed" and "SIGKILL" in rc["error"]
+
+
+def test_a_held_candidate_never_times_past_its_limit(tmp_path):
+    from autotune.worker import _wait_for
+
+    with pytest.raises(RuntimeError, match="not released"):
+        _wait_for(str(tmp_path / "never"), 0.1)
+    (tmp_path / "go").touch()
+    _wait_for(str(tmp_path / "go"), 0.1)
