@@ -146,8 +146,9 @@ def main() -> None:
         b1 = [str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache"]
         cli(out, "tune-b1-cold", *b1)
         cli(out, "tune-b1-warm", *b1)
-        left = subprocess.run(["bash", "-c", "ps -eo pid,args | grep -c '[a]utotune' || true"], capture_output=True, text=True).stdout.strip()
-        print(f"autotune processes left after the tunes: {left}", flush=True)
+        left = subprocess.run(["bash", "-c", "ps -eo pid,args | grep -E 'autotune[.](worker|_forkserver)|-m autotune ' || true"],
+                              capture_output=True, text=True).stdout.strip()
+        print(f"autotune processes left after the tunes: {left or 'none'}", flush=True)
     elif args.phase == "d":
         cli(out, "tune-b1", str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         cli(out, "tune-b1-memory", str(model), "--objective", "memory", "--quantization", "always", "--cache", "dynamic",
