@@ -137,19 +137,20 @@ class Bench:
     def can_launch(self) -> bool:
         return callable(getattr(self.runner, "launch", None))
 
-    def launch(self, trials: Iterable[Trial]) -> dict[str, Any]:
+    def launch(self, trials: Iterable[Trial], *, later: int = 0) -> dict[str, Any]:
         """Start the measurements of ``trials`` now, all at once, each held before its timed runs
         (the runner's :meth:`~autotune.runner.ForkRunner.launch`): their loads and warm-ups —
         for a compiled static cache, the compile — overlap, and :meth:`measure` later times each
-        alone. Returns {label: launched}; a trial left out (dropped, cached, out of budget, a
-        runner that cannot launch, tensor parallel) is measured the plain way."""
+        alone. ``later``: these are each trial's measurement that many after the next (its
+        result-cache key). Returns {label: launched}; a trial left out (dropped, cached, out of
+        budget, a runner that cannot launch, tensor parallel) is measured the plain way."""
         out: dict[str, Any] = {}
         if not self.can_launch() or not self.budget_left():
             return out
         for t in trials:
             if t.status not in ("planned", STATUS_OK):
                 continue
-            key = self.cache.trial_key(t, len(t.results)) if self.cache else None
+            key = self.cache.trial_key(t, len(t.results) + later) if self.cache else None
             spec = self.spec(t)
             if (key and self.cache and self.cache.get(key) is not None) or spec["nproc"] > 1:
                 continue
@@ -167,12 +168,15 @@ class Bench:
         keep = set(keep)
         for label in [k for k in launched if k not in keep]:
             item = launched.pop(label)
+            if item.get("done"):
+                continue
             item["run"].cancel()
             self.timeline.append({"label": f"{label} (ended unmeasured)", "start_s": round(item["start_s"], 1),
                                   "wall_s": round(self.elapsed() - item["start_s"], 1), "cached": False})
 
     def finish(self, item: dict[str, Any]) -> dict[str, Any]:
         run = item["run"]
+        item["done"] = True
         run.wait_warm()
         run.release()
         t0 = self.elapsed()

@@ -61,6 +61,7 @@ class Search:
         self.finalist_rounds = finalist_rounds
         self.notes = notes if notes is not None else []
         self.baseline: Trial | None = None
+        self.spares: dict[str, Any] = {}  # head-to-head processes launched ahead: {label: launched}
 
     @property
     def fixed(self) -> dict[str, str]:
@@ -83,6 +84,7 @@ class Search:
         baseline = self.make_baseline()
         if self.compiled_applies():
             if not self.compiled_search(baseline):
+                self.bench.cancel(self.spares)
                 self.notes.append("no compiled candidate ran: dtype and attention chosen on dynamic-cache runs instead")
                 self.eager_search(baseline, static_uncompiled=True)
         else:
@@ -93,6 +95,7 @@ class Search:
         self.quantize()
         self.placements()
         self.head_to_head()
+        self.bench.cancel(self.spares)  # held for a head-to-head that did not need them
 
     # ---- the compiled regime
     def compiled_search(self, baseline: Trial) -> bool:
@@ -113,12 +116,20 @@ class Search:
         blind = [t for t in live if t.config["from_pretrained"].get("attn_implementation") in SCREEN_BLIND]
         seen = [t for t in live if t not in blind] or blind
         blind = [t for t in blind if t not in seen]
-        # the likeliest finalists compile while the screen runs: compiling is host work, and the
-        # screen reads the GPU's own time per step, which host load does not move
+        # While the screen runs, what will be timed after it loads and warms up, held before its
+        # timed runs: the likeliest finalists (compiling them is host work, and the screen reads
+        # the GPU's own time per step, which host load does not move), transformers' default,
+        # and the finalists' head-to-head processes — as many of these as fit in memory together
         prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
         ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
-        ahead = bench.launch(ahead_of) if self.overlap_fits(ahead_of, also=seen) else {}
+        plan = [*ahead_of, baseline, *ahead_of] if ahead_of else []
+        while plan and not self.overlap_fits(plan, also=seen):
+            plan.pop()
+        ahead = bench.launch(plan[:len(ahead_of)])
         ahead_labels = list(ahead)
+        base_launch = bench.launch([baseline]) if baseline in plan else {}
+        self.spares = bench.launch(plan[len(ahead_of) + 1:], later=1)
+        spare_labels = list(self.spares)
         screened = bench.screen(seen) if len(seen) > 1 else False
         if screened:
             for t in seen:
@@ -126,7 +137,8 @@ class Search:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
             ranked = sorted((t for t in seen if t.screen.get("status") == STATUS_OK), key=lambda t: (t.screen["step_ms"], t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
             if not ranked:
-                bench.cancel(ahead)
+                for group in (ahead, base_launch, self.spares):
+                    bench.cancel(group)
                 return False
             lead = ranked[0]
             best_ms = lead.screen["step_ms"]
@@ -156,16 +168,20 @@ class Search:
         # every finalist compiles before anything is timed: beside the others where they fit
         # together, ahead of the screen where it was the prior's pick
         bench.cancel(ahead, keep=[t.label for t in queue])
+        bench.cancel(self.spares, keep=[t.label for t in queue])
         rest = [t for t in queue if t.label not in ahead]
-        if ahead or len(rest) > 1:
-            launched = {**ahead, **(bench.launch(rest) if self.overlap_fits(queue) else {})}
-        else:
-            launched = {}
+        held = [t for t in queue if t.label in ahead] + ([baseline] if base_launch else []) + [t for t in queue if t.label in self.spares]
+        if rest and (ahead or len(rest) > 1) and not self.overlap_fits(rest + held):
+            bench.cancel(self.spares)  # room for the finalists first
+            held = [t for t in held if t.label not in self.spares or t.label in ahead or t is baseline]
+        launched = {**ahead, **(bench.launch(rest) if (ahead or len(rest) > 1) and self.overlap_fits(rest + held) else {})}
         if ahead_labels:
+            others = (["transformers' default"] if base_launch else []) + ([f"{len(spare_labels)} head-to-head process(es)"] if spare_labels else [])
             self.notes.append(f"compiled while the screen ran (the roofline prior's picks): {', '.join(ahead_labels)}; "
-                              f"{'kept ' + ', '.join(ahead) if ahead else 'none was a finalist'}")
-        bench.warm(launched)
-        bench.measure(baseline)
+                              f"{'kept ' + ', '.join(ahead) if ahead else 'none was a finalist'}"
+                              + (f"; also warmed up then: {' and '.join(others)}" if others else ""))
+        bench.warm({**launched, **base_launch, **self.spares})
+        bench.measure(baseline, base_launch.get(baseline.label))
         for t in queue:
             bench.measure(t, launched.get(t.label))
         # a finalist that failed to compile gives its place to the next screened candidate
@@ -233,6 +249,7 @@ class Search:
         if not want:
             self.notes.append("quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
             return
+        self.bench.cancel(self.spares)  # their memory is the quantized candidates' now
         src = best_fp.config["from_pretrained"] if best_fp else {"dtype": sp.half, "attn_implementation": "sdpa"}
         dtype = src.get("dtype") if src.get("dtype") != "float32" else sp.half
         attn = src.get("attn_implementation") or "sdpa"
@@ -248,6 +265,7 @@ class Search:
         gpus = sp.gpu_indexes()
         if len(gpus) < 2:
             return
+        self.bench.cancel(self.spares)  # placements fill every GPU
         top = self.judge.best([t for t in bench.trials if t.stage not in ("baseline", "placement")])
         if top is None:
             self.notes.append("placements not measured: no configuration ran")
@@ -307,9 +325,13 @@ class Search:
         # compiled runs are steady within a process (their interval is a fraction of a per cent)
         # and move ~10 % between processes: one more round each, not two
         rounds = 1 if factor == DECISIVE["compiled"] else self.finalist_rounds
-        for _ in range(rounds):
-            # compiled ones warm up (compile again) side by side, then are timed one after the other
-            launched = self.bench.launch([a, b]) if factor == DECISIVE["compiled"] and self.overlap_fits([a, b]) else {}
+        for i in range(rounds):
+            # compiled ones warm up (compile again) side by side, then are timed one after the other;
+            # the first round's processes may have warmed up during the screen already
+            launched = {k: self.spares.pop(k) for k in (a.label, b.label) if k in self.spares} if i == 0 else {}
+            missing = [t for t in (a, b) if t.label not in launched]
+            if factor == DECISIVE["compiled"] and missing and self.overlap_fits([a, b]):
+                launched.update(self.bench.launch(missing))
             self.bench.warm(launched)
             for t in (a, b):  # interleaved, in fresh processes
                 self.bench.measure(t, launched.get(t.label))
@@ -321,7 +343,8 @@ class Search:
         sp = self.space
         if sp.device != "cuda" or len(trials) < 1 or self.bench.max_memory or not self.bench.can_launch():
             return False
-        if any(t.config["from_pretrained"].get("device_map") != {"": 0} or not isinstance(t.estimate_gib, (int, float)) for t in [*trials, *also]):
+        if any(t.config["from_pretrained"].get("device_map") not in ({"": 0}, "cuda", "cuda:0", 0) or not isinstance(t.estimate_gib, (int, float))
+               for t in [*trials, *also]):
             return False
         budget = sp.budget(0)
         extra = max((t.estimate_gib for t in also), default=0.0)

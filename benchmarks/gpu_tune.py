@@ -5,6 +5,7 @@
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase c --out DIR   # memory objective with bitsandbytes (wheel)
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_tune.py --phase d --out DIR   # 1.1 B batch 1 (wall time, capacity check), memory objective on the dynamic cache
     PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase e --out DIR   # 1.1 B batch 1 tune wall: first on the machine (cold compiles), then again (inductor's caches warm)
+    PYTHONPATH=. python3 benchmarks/gpu_tune.py --phase f --out DIR   # 1.1 B batch 8 and 7 B batch 1 tunes (7 B built in /tmp/llama-7b)
 
 The model is a random Llama of the 1.1 B shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 KV heads, vocab 32000) saved in bf16, built locally on first use.
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 LLAMA_1_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
 
 
 def build(path: Path, shape: dict | None = None) -> Path:
@@ -128,7 +130,7 @@ def reruns(out: Path, model: Path, report: dict, n: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["a", "b", "c", "d", "e"], required=True)
+    ap.add_argument("--phase", choices=["a", "b", "c", "d", "e", "f"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="/tmp/llama-1.1b")
     args = ap.parse_args()
@@ -149,6 +151,10 @@ def main() -> None:
         left = subprocess.run(["bash", "-c", "ps -eo pid,args | grep -E 'autotune[.](worker|_forkserver)|-m autotune ' || true"],
                               capture_output=True, text=True).stdout.strip()
         print(f"autotune processes left after the tunes: {left or 'none'}", flush=True)
+    elif args.phase == "f":
+        cli(out, "tune-b8", str(model), "--batch-size", "8", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
+        big = build(Path("/tmp/llama-7b"), LLAMA_7B)
+        cli(out, "tune-7b-b1", str(big), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
     elif args.phase == "d":
         cli(out, "tune-b1", str(model), "--batch-size", "1", "--prompt-len", "512", "--new-tokens", "128", "--no-cache")
         cli(out, "tune-b1-memory", str(model), "--objective", "memory", "--quantization", "always", "--cache", "dynamic",

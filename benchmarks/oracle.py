@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, cli, prepare  # noqa: E402
+from gpu_tune import LLAMA_1_1B, LLAMA_7B, cli, prepare  # noqa: E402
 
 SHAPES = {"1.1b": LLAMA_1_1B, "1.1b-8k": {**LLAMA_1_1B, "max_position_embeddings": 8192},  # 8k: a 4,096-token prompt + new tokens
-          "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)}
+          "7b": LLAMA_7B}
 
 
 def main() -> None:

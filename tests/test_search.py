@@ -373,36 +373,44 @@ class LaunchingRunner(RegimeRunner):
         return Held()
 
 
+BASE = "baseline: from_pretrained(device_map) defaults"
+BF16, FP16, FP32E = "bfloat16 sdpa static-cache+compile", "float16 sdpa static-cache+compile", "float32 eager static-cache+compile"
+
+
 def test_finalists_compile_ahead_of_the_screen_and_beside_each_other_but_are_timed_alone(llama):
     # the screen puts fp32 eager between bf16 sdpa and fp16 sdpa: fp16 sdpa, started ahead by the
-    # roofline prior, is ended unmeasured and fp32 eager is compiled after the screen
+    # roofline prior (with its head-to-head process), is ended unmeasured, and fp32 eager is
+    # compiled after the screen
     runner = LaunchingRunner(screen_noise={("float32", "eager"): 74.3 / 117.7 * 1.01, ("float16", "sdpa"): 1.2})
     r = tuned(llama, runner)
     ev = runner.events
-    launched = [lb for what, lb in ev if what == "launch"]
     screen_at = next(i for i, (what, lb) in enumerate(ev) if what == "run" and lb.startswith("screen"))
-    ahead = {lb for what, lb in ev[:screen_at] if what == "launch"}
-    assert ahead == {"bfloat16 sdpa static-cache+compile", "float16 sdpa static-cache+compile"}, ev
-    assert ("cancel", "float16 sdpa static-cache+compile") in ev
-    baseline_at = ev.index(("run", "baseline: from_pretrained(device_map) defaults"))
-    assert screen_at < ev.index(("launch", "float32 eager static-cache+compile")) < baseline_at, "the other finalist compiled after the screen"
-    first_release = next(i for i, (what, _) in enumerate(ev) if what == "release")
-    kept = {"bfloat16 sdpa static-cache+compile", "float32 eager static-cache+compile"}
-    # everything kept has warmed up before the first timed run (the baseline's), then each is released in turn
-    assert all(ev.index(("warm", lb)) < baseline_at < first_release for lb in kept)
+    assert [lb for what, lb in ev[:screen_at]] == [BF16, FP16, BASE, BF16, FP16], "the prior's picks, the default, their second processes"
+    assert ev.count(("cancel", FP16)) == 2
+    base_at = ev.index(("release", BASE))
+    assert screen_at < ev.index(("launch", FP32E)) < base_at, "the other finalist compiled after the screen"
+    # every kept process has warmed up before the first timed run (the default's), then each is released in turn
+    assert all(ev.index(("warm", lb)) < base_at for lb in (BF16, FP32E))
+    assert not [e for e in ev if e[0] == "run" and not e[1].startswith("screen")], "nothing measured the plain way"
     assert key(r.pick.config) == ("bfloat16", "sdpa") and compiled(r.pick.config)
-    fp16 = next(t for t in r.trials if t.label == "float16 sdpa static-cache+compile")
+    fp16 = next(t for t in r.trials if t.label == FP16)
     assert fp16.status == "not measured" and not fp16.results
     assert any("compiled while the screen ran" in n for n in r.notes)
 
 
-def test_close_compiled_finalists_warm_up_side_by_side_again_for_the_head_to_head(llama):
+def test_close_compiled_finalists_are_re_measured_by_processes_warmed_during_the_screen(llama):
     runner = LaunchingRunner()  # bf16 sdpa 117.7 vs fp16 sdpa 112.0 tok/s: not decisive
     r = tuned(llama, runner)
-    launched = [lb for what, lb in runner.events if what == "launch"]
-    assert launched == ["bfloat16 sdpa static-cache+compile", "float16 sdpa static-cache+compile"] * 2, runner.events
+    assert [lb for what, lb in runner.events if what == "launch"] == [BF16, FP16, BASE, BF16, FP16], runner.events
     assert not [e for e in runner.events if e[0] == "cancel"], "the prior's picks were the screen's finalists"
-    assert len(next(t for t in r.trials if t.label == launched[0]).results) == 2
+    assert [lb for what, lb in runner.events if what == "release"] == [BASE, BF16, FP16, BF16, FP16]
+    assert len(next(t for t in r.trials if t.label == BF16).results) == 2
+
+
+def test_a_decisive_lead_ends_the_held_head_to_head_processes(llama):
+    runner = LaunchingRunner(screen_noise={("float32", "eager"): 74.3 / 117.7 * 1.01})
+    tuned(llama, runner)  # bf16 sdpa 117.7 vs fp32 eager 74.3: decisive
+    assert ("cancel", BF16) in runner.events and runner.events.count(("release", BF16)) == 1
 
 
 def test_nothing_warms_up_beside_others_under_a_memory_budget(llama):
