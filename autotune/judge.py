@@ -137,9 +137,14 @@ class Judge:
             fp = t.config["from_pretrained"]
             twins = [x for x in plain if x.stage != "baseline" and x.config["from_pretrained"] == fp and x.config["runtime"] == t.config["runtime"]]
             twin = twins[0] if twins else max(plain, key=lambda x: x.median("decode_tok_s") or 0, default=None)
-            comp, fast, slow = t.metric("compile_s"), t.median("decode_tok_s"), twin.median("decode_tok_s") if twin else None
+            # the quickest of its compiles (a later process finds the compiler's caches warm); one
+            # taken while other candidates warmed up beside it is an upper bound
+            runs = [r for r in t.results if r.get("status") == STATUS_OK and r.get("compile_s")]
+            first = min(runs, key=lambda r: r["compile_s"], default=None)
+            comp, fast, slow = first["compile_s"] if first else None, t.median("decode_tok_s"), twin.median("decode_tok_s") if twin else None
             if comp and fast and slow and fast > slow:
                 tokens = comp / (1 / slow - 1 / fast)
                 t.quality["compile_breakeven_tokens"] = int(tokens)
-                self.notes.append(f"{t.label}: compiling took {comp:.0f} s and pays off after about {tokens:,.0f} generated tokens "
+                beside = " (beside other candidates' warm-ups: at most)" if "beside" in str(first.get("process", "")) else ""
+                self.notes.append(f"{t.label}: compiling took {comp:.0f} s{beside} and pays off after about {tokens:,.0f} generated tokens "
                                   f"({tokens / new_tokens:,.0f} requests of this workload) against {twin.label}")
