@@ -156,6 +156,12 @@ class Context:
         f = self.facts
         if head == "pkg":
             return f.package(rest)
+        if head == "release":  # release.transformers.torch_floor: a fact of the installed release, harvested
+            from .rules import release_fact
+
+            package, _, key = rest.partition(".")
+            installed = f.package(package)
+            return installed if installed is None or installed is UNKNOWN else release_fact(package, installed, key)
         if head == "torch_cuda":
             return f.torch_cuda
         if head == "source":

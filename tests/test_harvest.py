@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,96 @@ def test_fa2_kernels_follow_each_flash_attn_release(target, major):
         if fired == (major in row["fa2_cuda_majors"]):
             wrong.append(v)
     assert not wrong, f"ATTN-FA2-NOT-BUILT-FOR-ARCH disagrees with flash-attn's setup.py on {target} for {wrong}"
+
+
+# (harvested floor of the installed transformers, the package (or host.python) it bounds, config,
+# the rule). For every release where the floor changes, the last release before and the first
+# after are checked: one version below the floor fires, the floor itself does not.
+FLOORS = [
+    ("torch_floor", "torch", {"dtype": "bfloat16"}, "INST-TORCH-BELOW-TRANSFORMERS-FLOOR"),
+    ("accelerate_min", "accelerate", {"dtype": "bfloat16", "device_map": "auto"}, "INST-ACCELERATE-FLOOR"),
+    ("bitsandbytes_min", "bitsandbytes", {"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+     "BNB-TRANSFORMERS-FLOOR"),
+    ("flash_attn_2_min", "flash-attn", {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}, "ATTN-FA2-VERSION"),
+]
+
+
+def _below(version: str) -> str:
+    """A release just below ``version`` (2.1 -> 2.0.9, 0.46.1 -> 0.46.0.9)."""
+    from packaging.version import Version
+
+    parts = list(Version(version).release) + [0] * (3 - len(Version(version).release))
+    i = max(k for k, p in enumerate(parts) if p > 0)
+    return ".".join(str(p) for p in parts[:i] + [parts[i] - 1] + [9] * (len(parts) - i - 1) + ([9] if i == len(parts) - 1 else []))
+
+
+def _boundaries(key: str) -> list[str]:
+    """The last release before and the first after every change of ``key`` in the table."""
+    out: list[str] = []
+    for before, after in zip(RELEASES, RELEASES[1:]):
+        if TABLE["transformers"][before].get(key) != TABLE["transformers"][after].get(key):
+            out += [before, after]
+    return sorted(set(out), key=RELEASES.index)
+
+
+def _facts_file(tmp_path, transformers: str, **packages: str | None) -> str:
+    facts = json.loads((ROOT / "tests" / "fixtures" / "h100-probe.json").read_text())
+    facts["packages"].update({"transformers": transformers, "torch": "2.11.0", "accelerate": "1.15.0", **packages})
+    path = tmp_path / f"facts-{transformers}.json"
+    path.write_text(json.dumps(facts))
+    return str(path)
+
+
+def _check_cli(tmp_path, cfg: dict, facts_file: str, capsys) -> set[str]:
+    """`autotune check CONFIG --facts FILE --json` (in this process: the CLI is a thin shell)."""
+    from autotune.cli import main
+
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    main(["check", str(cfg_path), "--facts", facts_file, "--json"])
+    return {f["rule"] for f in json.loads(capsys.readouterr().out)["findings"] if f["severity"] == "error"}
+
+
+def test_floor_boundaries_are_found_in_the_table():
+    # the changes the rules' "why" texts name: torch floor from 4.52 (rising in 5.x), accelerate from 4.37,
+    # bitsandbytes from 5.0, flash-attn from 4.36
+    assert {v.split(".")[0] for v in _boundaries("torch_floor")} == {"4", "5"}
+    assert any(v.startswith("4.37") for v in _boundaries("accelerate_min"))
+    assert any(v.startswith("5.0") for v in _boundaries("bitsandbytes_min"))
+    assert any(v.startswith("4.36") for v in _boundaries("flash_attn_2_min"))
+
+
+@pytest.mark.parametrize("key,package,cfg,rule", FLOORS, ids=[f[0] for f in FLOORS])
+def test_version_floors_follow_the_harvested_table_at_every_boundary(key, package, cfg, rule, tmp_path, capsys):
+    wrong = []
+    for v in _boundaries(key):
+        floor = TABLE["transformers"][v].get(key)
+        extra = {"bitsandbytes": "0.50.2"} if package != "bitsandbytes" else {}
+        if floor is None:  # no floor in this release: even an old one passes
+            cases = [("0.1.0" if package != "torch" else "1.13.1", False)]
+        else:
+            cases = [(_below(floor), True), (floor, False)]
+        for pv, fires in cases:
+            got = rule in _check_cli(tmp_path, cfg, _facts_file(tmp_path, v, **{**extra, package: pv}), capsys)
+            if got != fires:
+                wrong.append(f"transformers {v} (floor {floor}) with {package} {pv}: {'fired' if got else 'silent'}")
+    assert not wrong, "; ".join(wrong[:6])
+
+
+def test_python_floor_follows_each_releases_requires_python(tmp_path, capsys):
+    wrong = []
+    for v in _boundaries("requires_python"):
+        spec = TABLE["transformers"][v]["requires_python"]
+        from packaging.version import Version
+
+        minor = Version(spec.split(">=")[1]).release[1]
+        for py, fires in ((f"3.{minor - 1}.9", True), (f"3.{minor}.0", False)):
+            facts = json.loads(Path(_facts_file(tmp_path, v)).read_text())
+            facts["host"]["python"] = py
+            path = tmp_path / "py.json"
+            path.write_text(json.dumps(facts))
+            got = "INST-PYTHON-FLOOR" in _check_cli(tmp_path, {"dtype": "bfloat16"}, str(path), capsys)
+            if got != fires:
+                wrong.append(f"transformers {v} ({spec}) on Python {py}: {'fired' if got else 'silent'}")
+    assert not wrong, "; ".join(wrong[:6])
