@@ -35,7 +35,7 @@ from .facts import UNKNOWN
 SEVERITIES = ("error", "warning", "info")
 SCOPES = ("candidate", "gpu", "installation")
 _OPS = ("in", "not_in", "eq", "ne", "version", "lt", "le", "gt", "ge", "is_null", "known", "contains", "empty", "version_below",
-        "version_outside", "release_has", "release_lacks", "in_release", "not_in_release")
+        "version_at_most", "version_outside", "release_has", "release_lacks", "in_release", "not_in_release")
 _ID = re.compile(r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _RULE_KEYS = {"id", "name", "severity", "option", "scope", "when", "message", "fix", "why", "sources", "examples", "status", "needs_model"}
@@ -161,27 +161,26 @@ def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
         if not isinstance(has, bool):
             return Unknown([path])
         return has if op == "release_has" else not has
-    if op == "version_below":
+    if op in ("version_below", "version_at_most", "version_outside"):  # against what another fact holds
+        a = _version(value)
+        if a is None:
+            return Unknown([path])
         other = get(arg)
+        # release.PACKAGE.KEY is unknown when PACKAGE's own version is: that is the fact to name
+        needs = [arg, f"pkg.{arg.split('.')[1]}"] if arg.startswith("release.") else [arg]
         if other is UNKNOWN:
-            return Unknown([arg])
+            return Unknown(needs)
         if other is None:
             return False
-        a, b = _version(value), _version(other)
-        if a is None or b is None:
-            return Unknown([path, arg])
-        return a < b
-    if op == "version_outside":  # outside a specifier that another fact holds (release.transformers.requires_python)
-        spec = get(arg)
-        if spec is UNKNOWN:
-            return Unknown([arg])
-        if spec is None:
-            return False
-        v = _version(value)
-        try:
-            return Unknown([path]) if v is None else not _spec(spec).contains(v, prereleases=True)
-        except (InvalidSpecifier, TypeError):
-            return Unknown([arg])
+        if op == "version_outside":  # a specifier (release.transformers.requires_python)
+            try:
+                return not _spec(other).contains(a, prereleases=True)
+            except (InvalidSpecifier, TypeError):
+                return Unknown(needs)
+        b = _version(other)
+        if b is None:
+            return Unknown(needs)
+        return a < b if op == "version_below" else a <= b
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return Unknown([path])
     return {"lt": value < arg, "le": value <= arg, "gt": value > arg, "ge": value >= arg}[op]
@@ -276,9 +275,9 @@ def _validate_condition(cond: Any, where: str, key: str) -> None:
         raise RuleFileError(where, f"{key}.{op}", "expected a number")
     if op in ("is_null", "known", "empty") and not isinstance(arg, bool):
         raise RuleFileError(where, f"{key}.{op}", "expected true or false")
-    if op in ("version_below", "version_outside") and not isinstance(arg, str):
+    if op in ("version_below", "version_at_most", "version_outside") and not isinstance(arg, str):
         raise RuleFileError(where, f"{key}.{op}", "expected a fact path")
-    if op in ("version_below", "version_outside") and arg.startswith("release."):
+    if op in ("version_below", "version_at_most", "version_outside") and arg.startswith("release."):
         package, _, name = arg[len("release."):].partition(".")
         rows = harvested().get(package) or {}
         if not name or not any(isinstance(r.get(name), str) for r in rows.values()):

@@ -104,6 +104,8 @@ FLOORS = [
     ("bitsandbytes_min", "bitsandbytes", {"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
      "BNB-TRANSFORMERS-FLOOR"),
     ("flash_attn_2_min", "flash-attn", {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}, "ATTN-FA2-VERSION"),
+    ("bnb_8bit_min", "bitsandbytes", {"dtype": "float16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+     "BNB-8BIT-VERSION"),
 ]
 
 
@@ -186,3 +188,29 @@ def test_python_floor_follows_each_releases_requires_python(tmp_path, capsys):
             if got != fires:
                 wrong.append(f"transformers {v} ({spec}) on Python {py}: {'fired' if got else 'silent'}")
     assert not wrong, "; ".join(wrong[:6])
+
+
+def test_4bit_auto_map_gate_follows_the_table(tmp_path, capsys):
+    """accelerate at or below the version the release checks (> 0.19.0) fires with a strategy string."""
+    cfg = {"dtype": "float16", "device_map": "auto", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    wrong = []
+    for v in _boundaries("bnb_4bit_auto_map_accelerate_above"):
+        above = TABLE["transformers"][v].get("bnb_4bit_auto_map_accelerate_above")
+        for acc, fires in ([(above, True), ("0.20.0", False)] if above else [("0.19.0", False)]):
+            got = "BNB-4BIT-AUTO-MAP-OLD-ACCELERATE" in _check_cli(tmp_path, cfg, _facts_file(tmp_path, v, accelerate=acc, bitsandbytes="0.50.2"), capsys)
+            if got != fires:
+                wrong.append(f"transformers {v} with accelerate {acc}: {'fired' if got else 'silent'}")
+    assert not wrong, "; ".join(wrong)
+
+
+def test_fa2_offload_refusal_follows_each_release(tmp_path, capsys):
+    wrong = []
+    offload = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": "cpu", "lm_head": "cpu"}
+    for v in _boundaries("fa2_refuses_offload_map"):
+        row = TABLE["transformers"][v]
+        fa2 = {"attn_implementation": "flash_attention_2"} if row["kw_attn_implementation"] else {"use_flash_attention_2": True}
+        got = "ATTN-FA2-OFFLOAD-MAP" in _check_cli(tmp_path, {"torch_dtype": "float16", "device_map": offload, **fa2},
+                                                   _facts_file(tmp_path, v, **{"flash-attn": "2.7.4"}), capsys)
+        if got != row["fa2_refuses_offload_map"]:
+            wrong.append(f"{v}: {'fired' if got else 'silent'}")
+    assert not wrong and len(_boundaries("fa2_refuses_offload_map")) == 4, wrong

@@ -99,8 +99,19 @@ def _first(pattern: str, text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _gate_before(text: str, marker: str, package: str, window: int = 600) -> str | None:
+    """The version in the last ``version.parse(... "package" ...) <op> version.parse("X")`` within
+    ``window`` characters before ``marker`` (the message of the error that gate raises)."""
+    i = text.find(marker)
+    if i < 0:
+        return None
+    hits = re.findall(r'version\(\s*"' + re.escape(package) + r'"\s*\)\s*\)\s*[<>=]+\s*version\.parse\(\s*"([0-9.]+)"', text[max(0, i - window):i])
+    return hits[-1] if hits else None
+
+
 def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     mu = _read(z, "transformers/modeling_utils.py")
+    bnb = mu + _read(z, "transformers/quantizers/quantizer_bnb_8bit.py") + _read(z, "transformers/quantizers/quantizer_bnb_4bit.py")
     iu = _read(z, "transformers/utils/import_utils.py")
     qc = _read(z, "transformers/utils/quantization_config.py")
     fa2 = re.search(r"def is_flash_attn_2_available.*?(?=\ndef )", iu, re.S)
@@ -125,6 +136,13 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         "to_bettertransformer": "def to_bettertransformer" in mu,
         "flash_attention_3": "flash_attention_3" in mu,
         "flash_attention_4": "flash_attention_4" in mu,
+        # refusals of a combination: what raises, and from which version of the other package
+        "fa2_refuses_offload_map": "Flash Attention 2.0 with a model dispatched on CPU or disk" in mu,
+        "bnb_8bit_min": _gate_before(bnb, "not compatible with 8bit inference", "bitsandbytes"),
+        "bnb_4bit_min": _gate_before(bnb, "if load_in_4bit and not supports_4bit", "bitsandbytes")
+                        or _gate_before(bnb, "not compatible with 4bit inference", "bitsandbytes"),
+        "bnb_4bit_auto_map_accelerate_above": _first(r'version\(\s*"accelerate"\s*\)\s*\)\s*>\s*version\.parse\(\s*"([0-9.]+)"\s*\):\s*'
+                                                     r'from accelerate\.utils import CustomDtype', bnb) if "on a 4bit loaded version of the model" in bnb else None,
     }
 
 
