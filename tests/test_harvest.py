@@ -214,3 +214,21 @@ def test_fa2_offload_refusal_follows_each_release(tmp_path, capsys):
         if got != row["fa2_refuses_offload_map"]:
             wrong.append(f"{v}: {'fired' if got else 'silent'}")
     assert not wrong and len(_boundaries("fa2_refuses_offload_map")) == 4, wrong
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_bt_torch_gate_follows_each_optimum_release(model_type):
+    """torch 1.13.1: refused for every model from optimum 1.11, for requires_torch_20() types before."""
+    from autotune.model import ModelSpec
+
+    spec = ModelSpec(path="x", model_type=model_type, supports={"sdpa": False})
+    wrong = []
+    for v, row in TABLE["optimum"].items():
+        if not row.get("bettertransformer"):
+            continue
+        r = check({"torch_dtype": "float16", "to_bettertransformer": True}, target="t4", model=spec,
+                  overrides=[f"packages.optimum={v}", "packages.transformers=4.35.2", "packages.torch=1.13.1"])
+        fired = any(f["rule"] == "BT-TORCH-FLOOR" for f in r["findings"])
+        if fired != bool(row.get("bt_torch2_all") or model_type in (row.get("bt_torch2_model_types") or [])):
+            wrong.append(v)
+    assert not wrong, f"BT-TORCH-FLOOR disagrees with optimum's transform() for {model_type} in {wrong}"

@@ -165,6 +165,13 @@ def _mapping_keys(text: str, name: str) -> list[str] | None:
     return sorted(keys)
 
 
+def _torch20_types(models: str) -> list[str] | None:
+    """The model types requires_torch_20() lists: inline (1.8) or in REQUIRES_TORCH_20 (1.9)."""
+    flat = models.replace("\n", " ")
+    listed = _first(r"def requires_torch_20.*?model_type in (\[[^\]]*\])", flat) or _first(r"REQUIRES_TORCH_20 = (\{[^}]*\})", flat)
+    return sorted(re.findall(r'"([\w-]+)"', listed)) if listed else None
+
+
 def optimum_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     bt = _read(z, "optimum/bettertransformer/transformation.py")
     return {
@@ -177,6 +184,10 @@ def optimum_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         # refuses any model whose config already says _attn_implementation == "sdpa"
         "bt_native_refused": sorted(re.findall(r'"([\w-]+)"', _first(r"model_type in (\[[^\]]*\])", bt) or "")) if bt else None,
         "bt_refuses_sdpa_attn": '_attn_implementation == "sdpa"' in bt if bt else None,
+        # transform()'s torch gate: every model (ValueError "BetterTransformer requires torch>=2.0"),
+        # or only the model types requires_torch_20() lists
+        "bt_torch2_all": 'BetterTransformer requires torch>=2.0 but' in bt if bt else None,
+        "bt_torch2_model_types": _torch20_types(_read(z, "optimum/bettertransformer/models/__init__.py")) if bt and "requires_torch_20(" in bt else None,
         "requires_transformers": _norm_req(next((r.strip() for r in re.findall(r"^Requires-Dist: (transformers\b[^;\n]*)", _read(z, next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), "")), re.M)), None)),
     }
 
