@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 from .errors import RuleFileError
@@ -172,10 +173,12 @@ def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
             return Unknown(needs)
         if other is None:
             return False
-        if op == "version_outside":  # a specifier (release.transformers.requires_python)
+        if op == "version_outside":  # a specifier (">=3.9.0") or a requirement ("transformers[sentencepiece]<4.35,>=4.26")
             try:
-                return not _spec(other).contains(a, prereleases=True)
-            except (InvalidSpecifier, TypeError):
+                text = str(other)
+                spec = Requirement(text).specifier if text[:1].isalpha() else _spec(text)
+                return not spec.contains(a, prereleases=True)
+            except (InvalidSpecifier, InvalidRequirement, TypeError):
                 return Unknown(needs)
         b = _version(other)
         if b is None:
