@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--padding", action="store_true", help="rows of different lengths, left-padded")
+    p.add_argument("--seq-len", type=int, help="for an encoder (embedding) model: tokens per sequence (default 128); "
+                   "--prompt-len/--new-tokens are for text generation")
+    p.add_argument("--padding", action="store_true", help="rows of different lengths, padded (left for generation, right for an encoder)")
     p.add_argument("--objective", choices=["throughput", "latency", "memory"], default="throughput")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
     p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
@@ -285,7 +287,7 @@ def _tune(args: argparse.Namespace) -> int:
                       quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
                       candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
                       attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
-                      trust_remote_code=args.trust_remote_code, wait=args.wait,
+                      trust_remote_code=args.trust_remote_code, wait=args.wait, seq_len=args.seq_len,
                       say=lambda msg: print(f"autotune: {msg}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:

@@ -40,9 +40,10 @@ _FULL_KEYS = {"from_pretrained", "generate", "runtime", "autotune"}
 @dataclass(frozen=True)
 class Workload:
     batch_size: int = 1
-    prompt_len: int = 512
-    new_tokens: int = 128
+    prompt_len: int = 512  # for task "encode": the sequence length
+    new_tokens: int = 128  # for task "encode": 0
     padding: bool = False
+    task: str = "generate"  # "generate": a causal LM's generate; "encode": one forward of an encoder (embeddings)
 
     @property
     def seq_len(self) -> int:
@@ -74,6 +75,8 @@ class Candidate:
     unjudged: tuple[str, ...] = ()
     workload: Workload = field(default_factory=Workload)
     tuned_on: Any = None
+    model_class: Any = None  # runtime.model_class: the transformers Auto class to load with (None: AutoModelForCausalLM)
+    torch_compile: Any = None  # runtime.compile: torch.compile's mode ("default", "reduce-overhead", ...) or None
 
     @property
     def tensor_parallel(self) -> bool:
@@ -96,6 +99,8 @@ class Candidate:
             parts.append(q)
         if self.cache_implementation:
             parts.append(f"{self.cache_implementation}-cache" + ("+compile" if self.compile else ""))
+        if self.torch_compile:
+            parts.append("torch.compile" + ("" if self.torch_compile == "default" else f"({self.torch_compile})"))
         if self.device_map not in (None, {"": 0}, "cuda", 0):
             parts.append(f"device_map={self.device_map if isinstance(self.device_map, str) else 'custom'}")
             if isinstance(self.max_memory, dict) and "cpu" in self.max_memory:
@@ -296,6 +301,20 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         if backend not in SDPA_BACKENDS:
             raise ConfigError(f"runtime.sdpa_backend: unknown value {backend!r}; use one of {', '.join(SDPA_BACKENDS)}")
         kw["sdpa_backend"] = backend
+    if rt.get("model_class") is not None:
+        if not isinstance(rt["model_class"], str) or not re.fullmatch(r"Auto[A-Za-z0-9]+", rt["model_class"]):
+            raise ConfigError(f"runtime.model_class: expected the name of a transformers Auto class such as \"AutoModel\", found {rt['model_class']!r}")
+        kw["model_class"] = rt["model_class"]
+    if rt.get("compile") not in (None, False):
+        comp = rt["compile"]
+        if comp is True:
+            comp = {}
+        if not isinstance(comp, Mapping) or set(comp) - {"mode", "dynamic", "fullgraph"}:
+            raise ConfigError("runtime.compile: expected true or an object of torch.compile options (mode, dynamic, fullgraph)")
+        mode = comp.get("mode") or "default"
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"runtime.compile.mode: unknown mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+        kw["torch_compile"] = mode
     if rt.get("launch") is not None:
         if not isinstance(rt["launch"], str):
             raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
@@ -313,11 +332,16 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         w = meta.get("workload") or {}
         if not isinstance(w, Mapping):
             raise ConfigError("autotune.workload: expected an object")
+        task = w.get("task", "generate")
+        if task not in TASKS:
+            raise ConfigError(f"autotune.workload.task: unknown task {task!r}; use one of {', '.join(TASKS)}")
         workload = Workload(
             batch_size=_int(w.get("batch_size", 1), "autotune.workload.batch_size"),
             prompt_len=_int(w.get("prompt_len", 512), "autotune.workload.prompt_len"),
-            new_tokens=_int(w.get("new_tokens", 128), "autotune.workload.new_tokens"),
+            # an encoder's forward generates nothing
+            new_tokens=_int(w.get("new_tokens", 128), "autotune.workload.new_tokens", 0 if task == "encode" else 1),
             padding=_bool(w.get("padding", False), "autotune.workload.padding"),
+            task=task,
         )
     kw["workload"] = workload
     if meta.get("tuned_on") is not None:
@@ -357,6 +381,33 @@ def read_config(path: str | Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- applying a config
+TASKS = ("generate", "encode")
+# torch.compile's modes (torch/__init__.py compile(): "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """torch.compile's keyword arguments from ``runtime.compile`` (None: not compiled)."""
+    comp = (cfg.get("runtime") or {}).get("compile")
+    if comp in (None, False):
+        return None
+    comp = {} if comp is True else dict(comp)
+    if comp.get("mode") in (None, "default"):
+        comp.pop("mode", None)
+    return comp
+
+
+def model_class_of(cfg: Mapping[str, Any]) -> Any:
+    """The transformers Auto class ``runtime.model_class`` names (AutoModelForCausalLM when none)."""
+    import transformers
+
+    name = (cfg.get("runtime") or {}).get("model_class") or "AutoModelForCausalLM"
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise UserError(f"runtime.model_class: transformers {transformers.__version__} has no {name}")
+    return cls
+
+
 def from_pretrained_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``from_pretrained`` part, made ready for transformers: integer ``max_memory`` keys
     (JSON makes them strings and accelerate rejects ``"0"``) and a ``BitsAndBytesConfig``."""
@@ -418,7 +469,9 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     wrote) applied; returns the model.
 
     ``generate`` options go into ``model.generation_config`` so a plain ``model.generate``
-    uses them. A config whose ``runtime.launch`` names a multi-process launch raises
+    uses them. ``runtime.model_class`` names the Auto class (``AutoModel`` for an encoder's
+    config; ``AutoModelForCausalLM`` when absent) and ``runtime.compile`` compiles the model
+    in place with ``torch.compile``'s options. A config whose ``runtime.launch`` names a multi-process launch raises
     :class:`UserError` with the command, unless this process is one of those it starts. A
     model that is neither a local folder nor reachable on the hub fails in seconds
     (:class:`UserError`), not after transformers' retries.
@@ -434,11 +487,16 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     if launch and "WORLD_SIZE" not in os.environ:
         raise UserError(f"this config runs as several processes; start it with: {launch}")
     if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class  # noqa: N813
+        model_class = model_class_of(cfg)
     apply_runtime(cfg)
     m = model_class.from_pretrained(str(model), **from_pretrained_kwargs(cfg))
-    for key, value in generate_kwargs(cfg).items():
-        setattr(m.generation_config, key, value)
+    if getattr(m, "generation_config", None) is not None:
+        for key, value in generate_kwargs(cfg).items():
+            setattr(m.generation_config, key, value)
+    comp = compile_kwargs(cfg)
+    if comp is not None:  # in place (nn.Module.compile): the model keeps its class and methods
+        m.eval()
+        m.compile(**comp)
     return m
 
 

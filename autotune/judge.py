@@ -39,12 +39,15 @@ def logits_of(t: Trial) -> Any:
 
 
 class Judge:
-    def __init__(self, objective: str = "throughput", min_throughput: float = 0.0, notes: list[str] | None = None) -> None:
+    def __init__(self, objective: str = "throughput", min_throughput: float = 0.0, notes: list[str] | None = None, *,
+                 speed: str = "decode_tok_s") -> None:
+        """``speed``: the measured rate the objective reads (an encoder's ``seq_s``)."""
         if objective not in OBJECTIVES:
             from .errors import UserError
 
             raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
         self.objective = objective
+        self.speed = speed
         self.min_throughput = min_throughput
         self.notes = notes if notes is not None else []
 
@@ -54,9 +57,9 @@ class Judge:
             return -(t.median("total_s") or float("inf"))
         if self.objective == "memory":
             peak = t.gpu_peak_gib() or t.metric("host_peak_gib") or float("inf")
-            ok_speed = (t.median("decode_tok_s") or 0) >= self.min_throughput
+            ok_speed = (t.median(self.speed) or 0) >= self.min_throughput
             return (1e6 if ok_speed else 0) - peak
-        return t.median("decode_tok_s") or 0.0
+        return t.median(self.speed) or 0.0
 
     def best(self, trials: Iterable[Trial], margin: float = 0.0) -> Trial | None:
         """The best by the objective; for throughput, the simplest of those whose median lies
@@ -68,8 +71,8 @@ class Judge:
         top = max(ok, key=self.score)
         if self.objective != "throughput":
             return top
-        lo = min((top.ci("decode_tok_s") or (0, 0))[0], (1 - margin) * (top.median("decode_tok_s") or 0))
-        close = [t for t in ok if (t.median("decode_tok_s") or 0) >= lo]  # its median inside the top's interval
+        lo = min((top.ci(self.speed) or (0, 0))[0], (1 - margin) * (top.median(self.speed) or 0))
+        close = [t for t in ok if (t.median(self.speed) or 0) >= lo]  # its median inside the top's interval
         return min(close, key=lambda t: (t.simplicity, -self.score(t)))
 
     def choose(self, trials: list[Trial]) -> Trial | None:

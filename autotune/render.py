@@ -181,6 +181,40 @@ def _compact(obj: Any) -> str:
     return json.dumps(obj, separators=(", ", ": ")) if obj else "{}"
 
 
+def _encoder_lines(result: Any) -> list[str]:
+    """An encoder's tune: sequences/s and latency per forward; then the config."""
+    import json as _json
+
+    w = result.workload
+    lines = [f"Workload: encoder forward, batch {w.batch_size} x {w.prompt_len} tokens{', padded' if w.padding else ''}; "
+             f"objective {result.objective}; {result.wall_s:.0f} s", ""]
+    lines.append(f"{'candidate':50} {'status':12} {'seq/s':>9} {'95% CI':>17} {'p50 ms':>8} {'p99 ms':>8} {'peak GiB':>8}  reason")
+    for t in result.trials:
+        s = t.to_dict().get("summary") or {}
+        ci = s.get("seq_s_ci95")
+        peak = s.get("gpu_peak_gib") if s.get("gpu_peak_gib") is not None else s.get("host_peak_gib")
+        cells = [
+            f"{'*' if result.pick is t else ' '}{t.label[:49]:49}",
+            f"{t.status:12}",
+            f"{s['seq_s']:9.1f}" if s.get("seq_s") is not None else f"{'-':>9}",
+            f"{ci[0]:8.1f}-{ci[1]:<8.1f}" if ci else f"{'-':>17}",
+            f"{s['latency_p50_ms']:8.2f}" if s.get("latency_p50_ms") is not None else f"{'-':>8}",
+            f"{s['latency_p99_ms']:8.2f}" if s.get("latency_p99_ms") is not None else f"{'-':>8}",
+            f"{peak:8.2f}" if isinstance(peak, (int, float)) else f"{'-':>8}",
+        ]
+        lines.append(" ".join(cells) + "  " + (t.reason[:110] if t.reason else ""))
+    lines.append("(* the pick; peak is GPU memory on a GPU, host RSS on the CPU)")
+    b = result.baseline.median("seq_s") if result.baseline is not None and result.baseline.status == "ok" else None
+    p = result.pick.median("seq_s") if result.pick is not None else None
+    if b and p:
+        lines.append(f"Pick vs AutoModel.from_pretrained defaults: {p:.1f} vs {b:.1f} sequences/s ({p / b:.2f}x)")
+    for n in result.notes:
+        lines.append(_wrap(f"note: {n}", 0))
+    lines.append("")
+    lines.append(_json.dumps(result.config, indent=2) if result.config else "No working configuration found.")
+    return lines
+
+
 def tune_text(result: Any) -> str:
     """The final table: candidate, status, tokens/s, TTFT, peak memory, reason; then the config."""
     import json as _json
@@ -189,6 +223,8 @@ def tune_text(result: Any) -> str:
     w = result.workload
     head = "Predicted" if not result.measured else "Measured"
     lines.append(f"{head} on {result.facts.source}: model {result.model.path} ({result.model.param_count:,} parameters)" if isinstance(result.model.param_count, int) else f"{head}: {result.model.path}")
+    if getattr(w, "task", "generate") == "encode":
+        return "\n".join(lines + _encoder_lines(result))
     lines.append(f"Workload: batch {w.batch_size}, prompt {w.prompt_len}, {w.new_tokens} new tokens{', padded' if w.padding else ''}; objective {result.objective}; {result.wall_s:.0f} s")
     if result.trials and result.measured:
         lines.append("")

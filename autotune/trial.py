@@ -79,6 +79,19 @@ def bootstrap_ci(values: list[float], n: int = 500, seed: int = 0) -> tuple[floa
 
 
 def summary(t: Trial) -> dict[str, Any]:
+    if t.values("seq_s"):  # an encoder's forward
+        ci = t.ci("seq_s")
+        return {
+            "seq_s": _r(t.median("seq_s")),
+            "seq_s_ci95": [_r(ci[0]), _r(ci[1])] if ci else None,
+            "latency_p50_ms": _r((t.metric("latency_p50_s") or 0) * 1000, 2),
+            "latency_p99_ms": _r((t.metric("latency_p99_s") or 0) * 1000, 2),
+            "load_s": _r(t.metric("load_s"), 2),
+            "compile_s": _r(t.metric("compile_s"), 1),
+            "gpu_peak_gib": t.gpu_peak_gib(),
+            "host_peak_gib": t.metric("host_peak_gib"),
+            "runs": len(t.values("seq_s")),
+        }
     ci = t.ci("decode_tok_s")
     return {
         "decode_tok_s": _r(t.median("decode_tok_s")),

@@ -191,6 +191,15 @@ def default_model(root: Path | None = None) -> Path:
     return folder
 
 
+def _kind_of(path: Path) -> str:
+    from .model import model_kind
+
+    try:
+        return model_kind(path)
+    except (OSError, ValueError):  # an unreadable config.json: require_loadable says what is wrong
+        return "causal-lm"
+
+
 def _from_hub(name: str) -> Path:
     """A hub id (``org/name``) when a hub is reachable: config, weights and tokenizer only."""
     from .config import hub_id
@@ -232,6 +241,7 @@ def tune(
     trust_remote_code: bool = False,
     wait: float | None = 900.0,
     say: Callable[[str], None] | None = None,
+    seq_len: int | None = None,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -242,6 +252,10 @@ def tune(
     is kept free on each GPU when a device_map split is derived. Measuring holds a lock per
     machine: another tune measuring here is waited for, at most ``wait`` seconds (None: no
     limit; 0: refuse at once), ``say`` told why.
+
+    An encoder (BERT-class; ``config.json`` says so) is tuned for its forward instead: batches of
+    ``batch_size`` sequences of ``seq_len`` tokens (default 128; ``prompt_len`` and
+    ``new_tokens`` do not apply), see :mod:`autotune.encoder`.
     """
     import math
 
@@ -256,13 +270,26 @@ def tune(
             raise UserError(f"{name} ({flag}) must be a finite number {'> 0' if least == 0 else '>= 0'}, found {v!r}")
     if wait is not None and not (isinstance(wait, (int, float)) and wait >= 0):  # NaN too; inf waits for ever
         raise UserError(f"wait (--wait) must be a number of seconds >= 0, found {wait!r}")
+    if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
+        raise UserError(f"seq_len must be a whole number >= 1, found {seq_len!r}")
     if use_cache or model is None:
         usable_cache_dir()
-    workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
     path = Path(model) if model is not None else default_model()
     if not path.exists():
         path = _from_hub(str(model))
+    encoder = (path / "config.json").is_file() and _kind_of(path) == "encoder"
+    if encoder:
+        from .encoder import workload_for
+
+        workload = workload_for(batch_size, seq_len or 128, padding)
+        prompt_len, new_tokens = workload.prompt_len, 0
+    elif seq_len is not None:
+        raise UserError("--seq-len is for encoder (embedding) models; for a causal LM give --prompt-len and --new-tokens")
+    else:
+        workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
     budget = parse_max_memory(max_memory) if max_memory else None
+    if facts is not None and facts.source != "probe" and encoder:
+        raise UserError("tuning an encoder model for another machine (--target/--facts) is not supported: run autotune tune on that machine")
     if facts is not None and facts.source != "probe":
         # a prediction needs no weights (config.json is enough), but not an impossible workload
         too_long = [p for p in load_problems(read_model(path), prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=True,
@@ -277,7 +304,7 @@ def tune(
 
     spec = read_model(path)
     # what stops from_pretrained (or the workload) is found here, in milliseconds, not by every candidate failing
-    require_loadable(spec, prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=trust_remote_code, for_generation=True)
+    require_loadable(spec, prompt_len=prompt_len, new_tokens=new_tokens, trust_remote_code=trust_remote_code, for_generation=not encoder)
     t0 = time.perf_counter()
     own_runner = runner is None
     if own_runner:
@@ -301,10 +328,20 @@ def tune(
             cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}") if use_cache else None
             if own_runner and cache is not None:
                 runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
-            tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
-                          max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
-                          progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
-                          check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
+            tuner: Any
+            if encoder:
+                from .encoder import EncoderTuner
+
+                if budget:
+                    raise UserError("--max-memory is not supported for encoder models yet")
+                tuner = EncoderTuner(str(path), facts=here, workload=workload, model=spec, runner=runner, objective=objective, cache=cache,
+                                     reps=reps, faults=faults, progress=progress, candidate_timeout=candidate_timeout, time_budget=time_budget,
+                                     fixed=fixed, trust_remote_code=trust_remote_code)
+            else:
+                tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
+                              max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
+                              progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
+                              check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
             tuner.start = t0 + lock.waited_s
             result = tuner.run()
             if cache is not None and result.pick is not None:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import apply_runtime, from_pretrained_kwargs, reset_runtime
+from .config import apply_runtime, compile_kwargs, from_pretrained_kwargs, model_class_of, reset_runtime
 
 
 def _sync(torch: Any) -> None:
@@ -402,6 +402,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     _enforce_budget(torch, budget, world, local_rank)
     if spec.get("screen"):
         return {"screen": _screen(torch, spec, out)}
+    if w.get("task") == "encode":
+        return _measure_encode(torch, spec, out)
     torch.manual_seed(spec.get("seed", 0))
     t0 = time.perf_counter()
     model, device, vocab = _load(torch, spec["model"], cfg)
@@ -509,6 +511,106 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if rank == 0:  # tensor-parallel ranks compute the same (replicated) logits
         _save_logits(torch, logits, out / "logits.pt")
     res["logits_finite"] = _finite(torch, logits)
+    return res
+
+
+def encoder_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> dict[str, Any]:
+    """A batch as a tokenizer gives it to an encoder: deterministic ids, [CLS]-like first token;
+    with padding, rows of lengths from the whole sequence down to about half, padded on the right."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = workload["batch_size"], workload["prompt_len"]
+    ids = torch.randint(3, vocab, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    if workload.get("padding") and b > 1:
+        for row in range(b):
+            keep = n - (row * n) // (2 * b)  # row 0 full, the last about half padded
+            ids[row, keep:] = 0
+            mask[row, keep:] = 0
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _measure_encode(torch: Any, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """An encoder candidate: load it with its Auto class, compile it if asked, warm up, then time
+    single forwards of the batch (sequences/s and the latency of each); its quality evidence is
+    the mean-pooled last hidden state over the attention mask (what embedding models serve)."""
+    cfg, w = spec["config"], spec["workload"]
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(spec.get("seed", 0))
+    apply_runtime(cfg)
+    kwargs = from_pretrained_kwargs(cfg)
+    if not cuda and "device_map" not in kwargs:
+        kwargs["device_map"] = "cpu"
+    t0 = time.perf_counter()
+    model = model_class_of(cfg).from_pretrained(spec["model"], **kwargs)
+    model.eval()
+    device = next(model.parameters()).device
+    _sync(torch)
+    load_s = time.perf_counter() - t0
+    comp = compile_kwargs(cfg)
+    if comp is not None:
+        model.compile(**comp)
+    vocab = model.config.vocab_size
+    inputs = encoder_inputs(torch, vocab, w, spec.get("seed", 0), device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            return model(**inputs)
+
+    t1 = time.perf_counter()
+    forward()
+    _sync(torch)
+    first_s = time.perf_counter() - t1
+    for _ in range(3):  # a compiled model settles (CUDA graphs record on a later call)
+        forward()
+    _sync(torch)
+    if spec.get("warm_file"):
+        Path(spec["warm_file"]).touch()
+    _wait_for(spec.get("wait_for"), float(spec.get("wait_limit_s") or 300.0))
+    # Timed: one forward each, until both ``min_iters`` and ``min_time_s`` are reached (capped)
+    lat: list[float] = []
+    window = [time.time()]
+    start = time.perf_counter()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        while len(lat) < int(spec.get("max_iters", 200)) and (len(lat) < int(spec.get("min_iters", 10)) or time.perf_counter() - start < float(spec.get("min_time_s", 1.0))):
+            a = time.perf_counter()
+            forward()
+            _sync(torch)
+            lat.append(time.perf_counter() - a)
+    finally:
+        window.append(time.time())
+        if gc_was:
+            gc.enable()
+    b = w["batch_size"]
+    srt = sorted(lat)
+    res: dict[str, Any] = {
+        "load_s": load_s,
+        "first_call_s": first_s,
+        "compile_s": max(0.0, first_s - statistics.median(lat)) if comp is not None else 0.0,
+        "runs": [{"seq_s": b / x, "latency_s": x} for x in lat],
+        "seq_s": b / statistics.median(lat),
+        "latency_p50_s": srt[len(srt) // 2],
+        "latency_p99_s": srt[min(len(srt) - 1, int(len(srt) * 0.99))],
+        "timed_window": window,
+    }
+    res.update(_peaks(torch, cuda))
+    res["gpu_state"] = gpu_state() if cuda else None
+    if not cuda:
+        res["contention"] = cpu_contention()
+    res["device"] = str(device)
+    res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    res["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    # quality: mean-pooled embeddings over the mask, in float32 (batch, hidden)
+    hidden = forward()[0].float()
+    m = inputs["attention_mask"].unsqueeze(-1).float()
+    emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if spec.get("fault") == "corrupt":
+        emb = torch.randn_like(emb) * 10
+    torch.save(emb.cpu(), out / "logits.pt")  # float32: cosines are compared to 1e-6
+    res["logits_finite"] = _finite(torch, emb)
     return res
 
 

@@ -1,0 +1,74 @@
+"""Encoder (embedding) tunes on the GPU machine, for docs/PERFORMANCE.md (issue 13).
+
+    # the real all-MiniLM-L6-v2 weights travel in two halves (64 MiB per device call), see
+    # benchmarks/README in docs/PERFORMANCE.md; then:
+    PYTHONPATH=. python3 benchmarks/gpu_encoder.py --model minilm --out DIR     # /tmp/minilm, batch 32 and 256, sequence 128
+    PYTHONPATH=. python3 benchmarks/gpu_encoder.py --model bert-base --out DIR  # a random BERT-base shape, built here in float32
+
+Each tune is `python -m autotune tune MODEL --batch-size B --seq-len 128 --no-cache --json`, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BERT_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522,
+                 max_position_embeddings=512)
+
+
+def build_bert(path: Path) -> Path:
+    """A random BERT-base shape (110 M parameters), saved in float32 as bert-base-uncased is."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(**BERT_BASE)).save_pretrained(path)
+    return path
+
+
+def tune(out: Path, name: str, model: Path, batch: int) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "autotune", "tune", str(model), "--batch-size", str(batch), "--seq-len", "128", "--no-cache", "--json"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    wall = time.perf_counter() - t0
+    rep = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr[-3000:]}
+    rep["cli_wall_s"] = round(wall, 1)
+    (out / f"{name}.json").write_text(json.dumps(rep, indent=1))
+    print(f"{name}: {wall:.1f} s, pick {rep.get('pick')}", flush=True)
+    if "error" in rep:
+        print(rep["error"], flush=True)
+    for t in rep.get("trials", []):
+        s = t.get("summary") or {}
+        q = t.get("quality") or {}
+        print(f"  {t['label'][:58]:58} {t['status']:12} {s.get('seq_s')} seq/s p50 {s.get('latency_p50_ms')} ms p99 {s.get('latency_p99_ms')} ms "
+              f"peak {s.get('gpu_peak_gib')} cos {q.get('cos_mean')} {t.get('reason', '')[:80]}", flush=True)
+    for n in rep.get("notes", []):
+        print("  note:", n[:220], flush=True)
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["minilm", "bert-base"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", default="32,256")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
+    model = Path("/tmp/minilm") if args.model == "minilm" else build_bert(Path("/tmp/bert-base"))
+    for b in (int(x) for x in args.batches.split(",")):
+        tune(out, f"tune-{args.model}-b{b}", model, b)
+
+
+if __name__ == "__main__":
+    main()
