@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", metavar="MODEL", help="a local model folder (default: a small random Llama built locally)")
     _facts_args(p)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, help="prompt tokens per row (default 512)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per row (default 128)")
     p.add_argument("--seq-len", type=int, help="for an encoder (embedding) model: tokens per sequence (default 128); "
                    "--prompt-len/--new-tokens are for text generation")
     p.add_argument("--padding", action="store_true", help="rows of different lengths, padded (left for generation, right for an encoder)")

@@ -9,7 +9,8 @@ precise candidate's (float32, eager preferred): cosine similarity, with a noise 
 
 The search:
 
-1. every dtype x attention the rules let through, uncompiled;
+1. every dtype x attention the rules let through, uncompiled (on CUDA also SDPA with each fused
+   backend forced: flash, efficient, cuDNN);
 2. on CUDA, ``torch.compile`` (default mode, and ``reduce-overhead``, which adds CUDA graphs)
    of each dtype x attention within ``COMPILE_MARGIN`` of the best uncompiled speed, warmed up
    (compiled) side by side where memory allows and timed one at a time;
@@ -33,6 +34,9 @@ from .trial import STATUS_OK, Trial
 
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 COMPILE_MODES_MEASURED = ("default", "reduce-overhead")
+# forced SDPA backends measured uncompiled on CUDA (math, the unfused reference, is left out);
+# compiled variants are taken of the default dispatch only, which picks among these itself
+SDPA_BACKENDS = ("flash", "efficient", "cudnn")
 # compiled variants are measured for the dtype x attention within this fraction of the best
 # uncompiled speed: compiling removes launch gaps and fuses, it does not make float32 matmuls
 # as fast as half-precision tensor cores
@@ -45,13 +49,15 @@ MIN_TOL = 1e-5
 ROW_MIN_COS = 0.99
 
 
-def encoder_config(dtype: str | None, attn: str | None, compile_mode: str | None = None) -> dict[str, Any]:
+def encoder_config(dtype: str | None, attn: str | None, compile_mode: str | None = None, backend: str | None = None) -> dict[str, Any]:
     fp: dict[str, Any] = {}
     if dtype:
         fp["dtype"] = dtype
     if attn:
         fp["attn_implementation"] = attn
     rt: dict[str, Any] = {"model_class": "AutoModel"}
+    if backend:
+        rt["sdpa_backend"] = backend
     if compile_mode:
         rt["compile"] = {"mode": compile_mode}
     return {"from_pretrained": fp, "generate": {}, "runtime": rt}
@@ -172,9 +178,11 @@ class EncoderTuner:
             dtypes = [sp.fixed["dtype"]] if "dtype" in sp.fixed else list(DTYPES)
             attns = [sp.fixed["attention"]] if "attention" in sp.fixed else list(ATTENTIONS)
             plain = [self.trial("encode", encoder_config(d, a)) for d in dtypes for a in attns]
+            if sp.device == "cuda" and "sdpa" in attns:  # SDPA's fused backends, forced one at a time (the rules drop what cannot run)
+                plain += [self.trial("encode", encoder_config(d, "sdpa", backend=b)) for d in dtypes for b in SDPA_BACKENDS]
             for t in bench.add([baseline, *plain]):
                 bench.measure(t)
-            ok = [t for t in plain if t.status == STATUS_OK]
+            ok = [t for t in plain if t.status == STATUS_OK and not t.config["runtime"].get("sdpa_backend")]
             if sp.device == "cuda" and ok:
                 best = max(t.median("seq_s") or 0 for t in ok)
                 near = [t for t in ok if (t.median("seq_s") or 0) >= (1 - COMPILE_MARGIN) * best]

@@ -296,10 +296,11 @@ def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens:
         kind = _kind(cfg)
         if kind != "causal-lm":
             arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
-            out.append(Problem("MODEL-NOT-CAUSAL-LM", f"this is an {kind} model ({arch}): autotune tunes text generation (a causal LM's "
-                               "generate, token by token); an embedding or classification model's forward is not what it measures, "
-                               "and loading it as a causal LM would add a randomly initialised LM head",
-                               "`autotune check CONFIG --model DIR` still judges its options (dtype, attention, memory); tuning encoders is not built yet"))
+            out.append(Problem("MODEL-NOT-CAUSAL-LM", f"this is an {kind} model ({arch}): autotune tunes a causal LM's generate (token "
+                               "by token) and an encoder's forward (embeddings, --seq-len); an encoder-decoder's generate is not what "
+                               "it measures, and loading it as a causal LM would add a randomly initialised LM head",
+                               "`autotune check CONFIG --model DIR` still judges its options (dtype, attention, memory); tuning "
+                               "encoder-decoder models is not built yet"))
     weights = [f for g in _WEIGHT_GLOBS for f in p.glob(g)]
     if not weights:
         out.append(Problem("MODEL-NO-WEIGHTS", f"{p} has config.json but no weight files ({', '.join(_WEIGHT_GLOBS[:3])}, ...)",

@@ -217,8 +217,8 @@ def tune(
     model: str | Path | None = None,
     *,
     batch_size: int = 1,
-    prompt_len: int = 512,
-    new_tokens: int = 128,
+    prompt_len: int | None = None,
+    new_tokens: int | None = None,
     padding: bool = False,
     objective: str = "throughput",
     time_budget: float | None = None,
@@ -255,10 +255,14 @@ def tune(
 
     An encoder (BERT-class; ``config.json`` says so) is tuned for its forward instead: batches of
     ``batch_size`` sequences of ``seq_len`` tokens (default 128; ``prompt_len`` and
-    ``new_tokens`` do not apply), see :mod:`autotune.encoder`.
+    ``new_tokens`` do not apply and are refused), see :mod:`autotune.encoder`. ``prompt_len`` and
+    ``new_tokens`` default to 512 and 128.
     """
     import math
 
+    gen_lengths = [f"{flag}" for flag, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)) if v is not None]
+    prompt_len = 512 if prompt_len is None else prompt_len
+    new_tokens = 128 if new_tokens is None else new_tokens
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens), ("reps", reps)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"{name} must be a whole number >= 1, found {v!r}")
@@ -281,6 +285,10 @@ def tune(
     if encoder:
         from .encoder import workload_for
 
+        if gen_lengths:
+            arch = ", ".join(read_model(path).architectures) or "an encoder"
+            raise UserError(f"this is an encoder model ({arch}): it is tuned for its forward over batches of sequences, not for "
+                            f"generation; give --seq-len (and --batch-size) instead of {' and '.join(gen_lengths)}")
         workload = workload_for(batch_size, seq_len or 128, padding)
         prompt_len, new_tokens = workload.prompt_len, 0
     elif seq_len is not None:

@@ -37,9 +37,10 @@ def build_bert(path: Path) -> Path:
     return path
 
 
-def tune(out: Path, name: str, model: Path, batch: int) -> dict:
+def tune(out: Path, name: str, model: Path, batch: int, padding: bool = False) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "autotune", "tune", str(model), "--batch-size", str(batch), "--seq-len", "128", "--no-cache", "--json"],
+    p = subprocess.run([sys.executable, "-m", "autotune", "tune", str(model), "--batch-size", str(batch), "--seq-len", "128", "--no-cache", "--json",
+                        *(["--padding"] if padding else [])],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     wall = time.perf_counter() - t0
     rep = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr[-3000:]}
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["minilm", "bert-base"])
     ap.add_argument("--out")
     ap.add_argument("--batches", default="32,256")
+    ap.add_argument("--padding", action="store_true", help="padded batches (rows from 128 down to about 64 tokens)")
     ap.add_argument("--prepare-minilm", action="store_true", help="(here) reshard the real MiniLM weights into bench-data/")
     args = ap.parse_args()
     if args.prepare_minilm:
@@ -101,7 +103,7 @@ def main() -> None:
     os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
     model = Path("/tmp/minilm") if args.model == "minilm" else build_bert(Path("/tmp/bert-base"))
     for b in (int(x) for x in args.batches.split(",")):
-        tune(out, f"tune-{args.model}-b{b}", model, b)
+        tune(out, f"tune-{args.model}-b{b}" + ("-padded" if args.padding else ""), model, b, args.padding)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,18 @@ def test_on_a_gpu_the_near_ones_are_compiled_in_both_modes_and_the_fastest_wins(
     # float32 (900 seq/s against 5,100) is not compiled; every half-precision dtype x attention is, in both modes
     assert {c[0] for c in compiled} == {"bfloat16", "float16"} and {c[2] for c in compiled} == {"default", "reduce-overhead"}
     assert not any(c[0] == "float32" for c in compiled) and COMPILE_MARGIN == 0.5
+    backends = {s["config"]["runtime"].get("sdpa_backend") for s in runner.specs}
+    assert {"flash", "efficient", "cudnn"} <= backends, "SDPA's backends measured on CUDA"
+    assert not any(s["config"]["runtime"].get("sdpa_backend") and s["config"]["runtime"].get("compile") for s in runner.specs)
     assert r.pick.config["runtime"]["compile"] == {"mode": "reduce-overhead"}
     assert r.pick.config["from_pretrained"]["dtype"] == "float16" and r.pick.config["from_pretrained"]["attn_implementation"] == "sdpa"
     assert any("pays off after about" in n for n in r.notes)
     json.dumps(r.to_dict())  # the report is plain JSON
+
+
+def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
+    from transformers import T5Config, T5Model
+
+    T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=128, d_kv=16)).save_pretrained(tmp_path / "t5")
+    r = run_cli("tune", str(tmp_path / "t5"), "--no-cache")
+    assert r.returncode == 2 and "MODEL-NOT-CAUSAL-LM" in r.stderr and "encoder-decoder" in r.stderr and len(r.stderr.strip().splitlines()) == 1

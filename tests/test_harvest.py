@@ -232,3 +232,22 @@ def test_bt_torch_gate_follows_each_optimum_release(model_type):
         if fired != bool(row.get("bt_torch2_all") or model_type in (row.get("bt_torch2_model_types") or [])):
             wrong.append(v)
     assert not wrong, f"BT-TORCH-FLOOR disagrees with optimum's transform() for {model_type} in {wrong}"
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra"])
+def test_encoder_sdpa_follows_each_transformers_release(model_type):
+    """attn_implementation="sdpa" on an encoder: refused by the releases whose modeling file has no _supports_sdpa."""
+    from autotune.model import ModelSpec
+
+    spec = ModelSpec(path="x", model_type=model_type, architectures=("X",), supports={"sdpa": True})
+    wrong = []
+    for v in RELEASES:
+        row = TABLE["transformers"][v]
+        if not row["kw_attn_implementation"]:
+            continue
+        r = check({"torch_dtype": "float16", "attn_implementation": "sdpa"}, target="t4", model=spec,
+                  overrides=[f"packages.transformers={v}", "packages.torch=2.5.1", "packages.accelerate=1.1.0"])
+        fired = any(f["rule"] == "ATTN-SDPA-ENCODER-RELEASE" for f in r["findings"])
+        if fired == (model_type in row["sdpa_encoder_types"]):
+            wrong.append(v)
+    assert not wrong, f"ATTN-SDPA-ENCODER-RELEASE disagrees with the modeling files for {model_type} in {wrong[:5]}"

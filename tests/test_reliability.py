@@ -414,11 +414,12 @@ def test_model_kind_from_config(tmp_path, cfg, kind):
     assert model_kind(tmp_path) == kind
 
 
-def test_tune_refuses_an_encoder_in_one_line(tmp_path):
-    """A random small BERT through the real save_pretrained: tune stops at once instead of
-    "tuning" a BertLMHeadModel with a random LM head."""
+def test_tune_refuses_generation_lengths_for_an_encoder_in_one_line(tmp_path):
+    """A random small BERT through the real save_pretrained: asked for a generation workload,
+    tune stops at once instead of "tuning" a BertLMHeadModel with a random LM head; it tunes
+    the encoder's forward when given --seq-len (tests/test_encoder.py)."""
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)).save_pretrained(tmp_path / "bert")
     r = run_cli("tune", str(tmp_path / "bert"), "--prompt-len", "16", "--new-tokens", "4", env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
-    assert r.returncode == 2 and "MODEL-NOT-CAUSAL-LM" in r.stderr and "encoder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "encoder model (BertModel)" in r.stderr and "--seq-len" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -109,6 +109,23 @@ def _gate_before(text: str, marker: str, package: str, window: int = 600) -> str
     return hits[-1] if hits else None
 
 
+# encoder model types whose SDPA support is harvested per release (autotune/model.py _ENCODER_TYPES)
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+                 "camembert", "flaubert", "xlm", "ernie", "modernbert", "mobilebert", "squeezebert", "funnel", "longformer", "rembert",
+                 "megatron-bert", "convbert", "luke", "layoutlm", "data2vec-text", "roformer", "nezha", "ibert", "canine", "esm")
+
+
+def _sdpa_encoders(z: zipfile.ZipFile) -> list[str]:
+    """The encoder types whose modeling file declares ``_supports_sdpa = True`` in this release."""
+    out = []
+    for t in ENCODER_TYPES:
+        mod = t.replace("-", "_")
+        text = _read(z, f"transformers/models/{mod}/modeling_{mod}.py")
+        if re.search(r"^\s+_supports_sdpa\s*=\s*True", text, re.M):
+            out.append(t)
+    return out
+
+
 def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     mu = _read(z, "transformers/modeling_utils.py")
     bnb = mu + _read(z, "transformers/quantizers/quantizer_bnb_8bit.py") + _read(z, "transformers/quantizers/quantizer_bnb_4bit.py")
@@ -138,6 +155,8 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         "flash_attention_4": "flash_attention_4" in mu,
         # refusals of a combination: what raises, and from which version of the other package
         "fa2_refuses_offload_map": "Flash Attention 2.0 with a model dispatched on CPU or disk" in mu,
+        "sdpa_encoder_types": _sdpa_encoders(z),
+        "sdpa_encoder_checked": list(ENCODER_TYPES),  # the types the line above looked for
         "bnb_8bit_min": _gate_before(bnb, "not compatible with 8bit inference", "bitsandbytes"),
         "bnb_4bit_min": _gate_before(bnb, "if load_in_4bit and not supports_4bit", "bitsandbytes")
                         or _gate_before(bnb, "not compatible with 4bit inference", "bitsandbytes"),
