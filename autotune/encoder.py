@@ -245,7 +245,7 @@ class EncoderTuner:
     def compile_breakeven(self) -> None:
         """For each compiled candidate faster than its uncompiled twin: after how many batches its compile pays off."""
         by_key = {(dtype_of(t), t.config["from_pretrained"].get("attn_implementation")): t for t in self.trials
-                  if t.stage == "encode" and t.status == STATUS_OK}
+                  if t.stage == "encode" and t.status == STATUS_OK and not t.config["runtime"].get("sdpa_backend")}
         for t in self.trials:
             if t.stage != "compile" or t.status != STATUS_OK:
                 continue

@@ -148,11 +148,11 @@ def _check_cli(tmp_path, cfg: dict, facts_file: str, capsys) -> set[str]:
 
 def test_floor_boundaries_are_found_in_the_table():
     # the changes the rules' "why" texts name: torch floor from 4.52 (rising in 5.x), accelerate from 4.37,
-    # bitsandbytes from 5.0, flash-attn from 4.36
+    # bitsandbytes from 5.0, flash-attn from 4.35
     assert {v.split(".")[0] for v in _boundaries("torch_floor")} == {"4", "5"}
     assert any(v.startswith("4.37") for v in _boundaries("accelerate_min"))
     assert any(v.startswith("5.0") for v in _boundaries("bitsandbytes_min"))
-    assert any(v.startswith("4.36") for v in _boundaries("flash_attn_2_min"))
+    assert any(v.startswith("4.35") for v in _boundaries("flash_attn_2_min"))
 
 
 @pytest.mark.parametrize("key,package,cfg,rule", FLOORS, ids=[f[0] for f in FLOORS])
@@ -161,8 +161,8 @@ def test_version_floors_follow_the_harvested_table_at_every_boundary(key, packag
     for v in _boundaries(key):
         floor = TABLE["transformers"][v].get(key)
         extra = {"bitsandbytes": "0.50.2"} if package != "bitsandbytes" else {}
-        if floor is None:  # no floor in this release: even an old one passes
-            cases = [("0.1.0" if package != "torch" else "1.13.1", False)]
+        if floor is None:  # no floor in this release: even an old one passes (flash-attn 1.x is no FlashAttention-2 at all)
+            cases = [({"torch": "1.13.1", "flash-attn": "2.0.0"}.get(package, "0.1.0"), False)]
         else:
             cases = [(_below(floor), True), (floor, False)]
         for pv, fires in cases:

@@ -138,7 +138,9 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         "torch_floor": _first(r"PyTorch >= ([0-9.]+) is required", iu),
         "accelerate_min": _first(r'^ACCELERATE_MIN_VERSION = "([0-9.]+)"', iu),
         "bitsandbytes_min": _first(r'^BITSANDBYTES_MIN_VERSION = "([0-9.]+)"', iu),
-        "flash_attn_2_min": _first(r'"(2\.[0-9.]+)"', fa2.group(0)) if fa2 else None,
+        # the floor in is_flash_attn_2_available (4.36+), or in the module-level flag it reads (4.35)
+        "flash_attn_2_min": (_first(r'"(2\.[0-9.]+)"', fa2.group(0)) if fa2 else None)
+                            or _first(r'_flash_attn_2_available = _is_package_available\("flash_attn"\) and version\.parse\(\s*importlib\.metadata\.version\("flash_attn"\)\s*\) >= version\.parse\("([0-9.]+)"\)', iu),
         "kw_dtype": bool(re.search(r'kwargs\.pop\("dtype"', mu)),
         "kw_torch_dtype": bool(re.search(r'kwargs\.pop\("torch_dtype"', mu)),
         "torch_dtype_deprecated": "`torch_dtype` is deprecated" in mu,
