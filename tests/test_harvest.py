@@ -104,6 +104,7 @@ FLOORS = [
     ("bitsandbytes_min", "bitsandbytes", {"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
      "BNB-TRANSFORMERS-FLOOR"),
     ("flash_attn_2_min", "flash-attn", {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}, "ATTN-FA2-VERSION"),
+    ("sdpa_torch_min", "torch", {"dtype": "float16", "attn_implementation": "sdpa"}, "SDPA-TORCH-FLOOR"),
     ("bnb_8bit_min", "bitsandbytes", {"dtype": "float16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
      "BNB-8BIT-VERSION"),
 ]

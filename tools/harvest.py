@@ -99,6 +99,13 @@ def _first(pattern: str, text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _last_version(text: str, function: str) -> str | None:
+    """The last ``version.parse("X")`` in the body of ``def function`` (None: it compares with none)."""
+    m = re.search(rf"def {function}\(.*?(?=\ndef |\Z)", text, re.S)
+    hits = re.findall(r'version\.parse\("([0-9.]+)"\)', m.group(0)) if m else []
+    return hits[-1] if hits else None
+
+
 def _gate_before(text: str, marker: str, package: str, window: int = 600) -> str | None:
     """The version in the last ``version.parse(... "package" ...) <op> version.parse("X")`` within
     ``window`` characters before ``marker`` (the message of the error that gate raises)."""
@@ -139,6 +146,9 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         "accelerate_min": _first(r'^ACCELERATE_MIN_VERSION = "([0-9.]+)"', iu),
         "bitsandbytes_min": _first(r'^BITSANDBYTES_MIN_VERSION = "([0-9.]+)"', iu),
         # the floor in is_flash_attn_2_available (4.36+), or in the module-level flag it reads (4.35)
+        # torch floors of SDPA and flex attention (the last version is_torch_*_available compares with)
+        "sdpa_torch_min": _last_version(iu, "is_torch_sdpa_available"),
+        "flex_torch_min": _last_version(iu, "is_torch_flex_attn_available"),
         "flash_attn_2_min": (_first(r'"(2\.[0-9.]+)"', fa2.group(0)) if fa2 else None)
                             or _first(r'_flash_attn_2_available = _is_package_available\("flash_attn"\) and version\.parse\(\s*importlib\.metadata\.version\("flash_attn"\)\s*\) >= version\.parse\("([0-9.]+)"\)', iu),
         "kw_dtype": bool(re.search(r'kwargs\.pop\("dtype"', mu)),
