@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .config import Workload
 from .facts import Facts
 from .judge import Judge, dtype_of, logits_of
-from .measure import Bench
+from .measure import Bench, OnBench
 from .model import ModelSpec
 from .space import DTYPES, Space, finish_config
 from .trial import STATUS_OK, Trial
@@ -120,7 +120,7 @@ def check_embeddings(trials: list[Trial], notes: list[str]) -> float | None:
     return lowest
 
 
-class EncoderTuner:
+class EncoderTuner(OnBench):
     """Measures an encoder's candidates on this machine and picks the fastest that is correct."""
 
     def __init__(self, model_path: str, *, facts: Facts, workload: Workload, model: ModelSpec, runner: Any, objective: str = "throughput",
@@ -141,18 +141,6 @@ class EncoderTuner:
         self.judge = Judge(objective, notes=self.notes, speed="seq_s")
         self.baseline: Trial | None = None
 
-    @property
-    def start(self) -> float:
-        return self.bench.start
-
-    @start.setter
-    def start(self, value: float) -> None:
-        self.bench.start = value
-
-    @property
-    def trials(self) -> list[Trial]:
-        return self.bench.trials
-
     def trial(self, stage: str, cfg: dict[str, Any]) -> Trial:
         return self.space.place(stage, cfg)  # this machine's placement, the rules and the memory estimate
 
@@ -168,45 +156,40 @@ class EncoderTuner:
         self.baseline = t
         return t
 
+    def search(self) -> None:
+        """The stages of the module's docstring, in order."""
+        sp, bench = self.space, self.bench
+        baseline = self.make_baseline()
+        dtypes = [sp.fixed["dtype"]] if "dtype" in sp.fixed else list(DTYPES)
+        attns = [sp.fixed["attention"]] if "attention" in sp.fixed else list(ATTENTIONS)
+        plain = [self.trial("encode", encoder_config(d, a)) for d in dtypes for a in attns]
+        if sp.device == "cuda" and "sdpa" in attns:  # SDPA's fused backends, forced one at a time (the rules drop what cannot run)
+            plain += [self.trial("encode", encoder_config(d, "sdpa", backend=b)) for d in dtypes for b in SDPA_BACKENDS]
+        for t in bench.add([baseline, *plain]):
+            bench.measure(t)
+        ok = [t for t in plain if t.status == STATUS_OK and not t.config["runtime"].get("sdpa_backend")]
+        if sp.device == "cuda" and ok:
+            best = max(t.median("seq_s") or 0 for t in ok)
+            near = [t for t in ok if (t.median("seq_s") or 0) >= (1 - COMPILE_MARGIN) * best]
+            for t in ok:
+                if t not in near:
+                    self.notes.append(f"{t.label}: not compiled ({t.median('seq_s'):.0f} seq/s uncompiled, below "
+                                      f"{1 - COMPILE_MARGIN:.0%} of the best {best:.0f})")
+            compiled = [self.trial("compile", encoder_config(t.config["from_pretrained"].get("dtype"), t.config["from_pretrained"].get("attn_implementation"), mode))
+                        for t in near for mode in COMPILE_MODES_MEASURED]
+            compiled = bench.add(compiled)
+            launched = bench.launch(compiled) if self._fit_together(compiled) else {}
+            bench.warm(launched)
+            for t in compiled:
+                bench.measure(t, launched.get(t.label))
+        elif sp.device != "cuda":
+            self.notes.append("torch.compile not measured on the CPU (inductor's C++ compile takes minutes there); on a GPU it is")
+        self.head_to_head()
+
     def run(self) -> Any:
         from .tuner import TuneResult
 
-        sp, bench = self.space, self.bench
-        interrupted = False
-        try:
-            baseline = self.make_baseline()
-            dtypes = [sp.fixed["dtype"]] if "dtype" in sp.fixed else list(DTYPES)
-            attns = [sp.fixed["attention"]] if "attention" in sp.fixed else list(ATTENTIONS)
-            plain = [self.trial("encode", encoder_config(d, a)) for d in dtypes for a in attns]
-            if sp.device == "cuda" and "sdpa" in attns:  # SDPA's fused backends, forced one at a time (the rules drop what cannot run)
-                plain += [self.trial("encode", encoder_config(d, "sdpa", backend=b)) for d in dtypes for b in SDPA_BACKENDS]
-            for t in bench.add([baseline, *plain]):
-                bench.measure(t)
-            ok = [t for t in plain if t.status == STATUS_OK and not t.config["runtime"].get("sdpa_backend")]
-            if sp.device == "cuda" and ok:
-                best = max(t.median("seq_s") or 0 for t in ok)
-                near = [t for t in ok if (t.median("seq_s") or 0) >= (1 - COMPILE_MARGIN) * best]
-                for t in ok:
-                    if t not in near:
-                        self.notes.append(f"{t.label}: not compiled ({t.median('seq_s'):.0f} seq/s uncompiled, below "
-                                          f"{1 - COMPILE_MARGIN:.0%} of the best {best:.0f})")
-                fp_of = lambda t: t.config["from_pretrained"]  # noqa: E731
-                compiled = [self.trial("compile", encoder_config(fp_of(t).get("dtype"), fp_of(t).get("attn_implementation"), mode))
-                            for t in near for mode in COMPILE_MODES_MEASURED]
-                compiled = bench.add(compiled)
-                launched = bench.launch(compiled) if self._fit_together(compiled) else {}
-                bench.warm(launched)
-                for t in compiled:
-                    bench.measure(t, launched.get(t.label))
-            elif sp.device != "cuda":
-                self.notes.append("torch.compile not measured on the CPU (inductor's C++ compile takes minutes there); on a GPU it is")
-            self.head_to_head()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.notes.append("interrupted: results so far are kept in the cache; run again to resume")
-        for t in self.trials:
-            if t.status == "planned":
-                t.status, t.reason = "not measured", "interrupted" if interrupted else "not reached"
+        interrupted = self.run_search(self.search)
         floor = check_embeddings(self.trials, self.notes)
         self.compile_breakeven()
         pick = self.judge.choose(self.trials)

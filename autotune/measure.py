@@ -16,6 +16,39 @@ from .trial import STATUS_OK, Trial
 SCREEN_STEPS = 32
 
 
+class OnBench:
+    """What a tuner exposes of its :class:`Bench`: the trials, when the tune started, and a
+    search run so that Ctrl-C keeps what was measured."""
+
+    bench: "Bench"
+    notes: list[str]
+
+    def run_search(self, search: Callable[[], None]) -> bool:
+        """Run ``search``; True if it was interrupted. Trials never reached are marked so."""
+        interrupted = False
+        try:
+            search()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.notes.append("interrupted: results so far are kept in the cache; run again to resume")
+        for t in self.trials:
+            if t.status == "planned":
+                t.status, t.reason = "not measured", "interrupted" if interrupted else "not reached"
+        return interrupted
+
+    @property
+    def trials(self) -> list[Trial]:
+        return self.bench.trials
+
+    @property
+    def start(self) -> float:
+        return self.bench.start
+
+    @start.setter
+    def start(self, value: float) -> None:
+        self.bench.start = value
+
+
 class Bench:
     def __init__(self, model_path: str, workload: Workload, *, runner: Any, cache: Any = None, reps: int = 3,
                  faults: dict[str, str] | None = None, progress: Callable[[str, int, int], None] | None = None,

@@ -22,7 +22,7 @@ on several GPUs, and the two best re-measured head to head when they are close.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .judge import Judge
 from .measure import Bench
@@ -170,11 +170,13 @@ class Search:
         bench.cancel(ahead, keep=[t.label for t in queue])
         bench.cancel(self.spares, keep=[t.label for t in queue])
         rest = [t for t in queue if t.label not in ahead]
-        held = [t for t in queue if t.label in ahead] + ([baseline] if base_launch else []) + [t for t in queue if t.label in self.spares]
-        if rest and (ahead or len(rest) > 1) and not self.overlap_fits(rest + held):
+
+        def held() -> list[Trial]:  # what is loaded and waiting now
+            return [t for t in queue if t.label in ahead] + ([baseline] if base_launch else []) + [t for t in queue if t.label in self.spares]
+
+        if rest and (ahead or len(rest) > 1) and not self.overlap_fits(rest + held()):
             bench.cancel(self.spares)  # room for the finalists first
-            held = [t for t in held if t.label not in self.spares or t.label in ahead or t is baseline]
-        launched = {**ahead, **(bench.launch(rest) if (ahead or len(rest) > 1) and self.overlap_fits(rest + held) else {})}
+        launched = {**ahead, **(bench.launch(rest) if (ahead or len(rest) > 1) and self.overlap_fits(rest + held()) else {})}
         if ahead_labels:
             others = (["transformers' default"] if base_launch else []) + ([f"{len(spare_labels)} head-to-head process(es)"] if spare_labels else [])
             self.notes.append(f"compiled while the screen ran (the roofline prior's picks): {', '.join(ahead_labels)}; "
@@ -336,7 +338,7 @@ class Search:
             for t in (a, b):  # interleaved, in fresh processes
                 self.bench.measure(t, launched.get(t.label))
 
-    def overlap_fits(self, trials: list[Trial], also: list[Trial] = ()) -> bool:
+    def overlap_fits(self, trials: list[Trial], also: Sequence[Trial] = ()) -> bool:
         """May ``trials`` warm up at once on GPU 0 (beside the biggest of ``also``, a screen)?
         Only on one GPU, under no --max-memory budget (a per-process cap would not bound their
         sum), and when their estimates together fit what is free."""

@@ -29,7 +29,7 @@ from .errors import UserError
 from .lock import MeasureLock
 from .facts import UNKNOWN, Facts
 from .judge import OBJECTIVES, Judge
-from .measure import Bench
+from .measure import Bench, OnBench
 from .model import ModelSpec, load_problems, read_model, require_loadable
 from .predict import predict
 from .search import STAGE_MARGIN, Search
@@ -77,7 +77,7 @@ class TuneResult:
         }
 
 
-class Tuner:
+class Tuner(OnBench):
     def __init__(
         self,
         model_path: str | Path,
@@ -118,28 +118,8 @@ class Tuner:
         self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes)
         self.check_capacity = check_capacity
 
-    @property
-    def trials(self) -> list[Trial]:
-        return self.bench.trials
-
-    @property
-    def start(self) -> float:
-        return self.bench.start
-
-    @start.setter
-    def start(self, value: float) -> None:
-        self.bench.start = value
-
     def run(self) -> TuneResult:
-        interrupted = False
-        try:
-            self.search.run()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.notes.append("interrupted: results so far are kept in the cache; run again to resume")
-        for t in self.trials:
-            if t.status == "planned":
-                t.status, t.reason = "not measured", "interrupted" if interrupted else "not reached"
+        interrupted = self.run_search(self.search.run)
         floor = self.judge.check_quality(self.trials)
         self.judge.compile_breakeven(self.trials, self.workload.new_tokens)
         pick = self.judge.choose(self.trials)

@@ -38,17 +38,20 @@ def _sync(torch: Any) -> None:
         torch.cuda.synchronize()
 
 
-def make_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> tuple[Any, Any]:
-    """Deterministic prompts; with padding, rows get different lengths and are left-padded."""
+def make_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any, *, right: bool = False) -> tuple[Any, Any]:
+    """Deterministic prompts; with padding, rows get different lengths (row 0 full, the last about
+    half padded), padded on the left as generation wants, or on the ``right`` as an encoder's
+    tokenizer pads."""
     g = torch.Generator().manual_seed(seed)
     b, n = workload["batch_size"], workload["prompt_len"]
     ids = torch.randint(3, vocab, (b, n), generator=g)
     mask = torch.ones(b, n, dtype=torch.long)
     if workload.get("padding") and b > 1:
         for row in range(b):
-            pad = (row * n) // (2 * b)  # row 0 full, the last about half padded
-            ids[row, :pad] = 0
-            mask[row, :pad] = 0
+            pad = (row * n) // (2 * b)
+            cols = slice(n - pad, n) if right else slice(0, pad)
+            ids[row, cols] = 0
+            mask[row, cols] = 0
     return ids.to(device), mask.to(device)
 
 
@@ -515,18 +518,9 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def encoder_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> dict[str, Any]:
-    """A batch as a tokenizer gives it to an encoder: deterministic ids, [CLS]-like first token;
-    with padding, rows of lengths from the whole sequence down to about half, padded on the right."""
-    g = torch.Generator().manual_seed(seed)
-    b, n = workload["batch_size"], workload["prompt_len"]
-    ids = torch.randint(3, vocab, (b, n), generator=g)
-    mask = torch.ones(b, n, dtype=torch.long)
-    if workload.get("padding") and b > 1:
-        for row in range(b):
-            keep = n - (row * n) // (2 * b)  # row 0 full, the last about half padded
-            ids[row, keep:] = 0
-            mask[row, keep:] = 0
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    """A batch as a tokenizer gives it to an encoder (right-padded rows with padding)."""
+    ids, mask = make_inputs(torch, vocab, workload, seed, device, right=True)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _measure_encode(torch: Any, spec: dict[str, Any], out: Path) -> dict[str, Any]:

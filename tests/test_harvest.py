@@ -67,8 +67,9 @@ def test_a_release_reads_as_the_harvested_one_at_or_below_it():
     assert release_fact("transformers", "5.15.1+local", "kw_tp_plan") is False
 
 
-@pytest.mark.parametrize("model_type", ["llama", "bert", "mistral", "qwen2"])
-def test_bt_arch_follows_each_optimum_releases_mapping(model_type):
+def _optimum_disagreements(rule: str, model_type: str, torch: str, expect) -> list[str]:
+    """Harvested optimum releases with BetterTransformer where ``rule`` fires for a
+    ``model_type`` model on ``torch`` other than ``expect(row)`` says."""
     from autotune.model import ModelSpec
 
     spec = ModelSpec(path="x", model_type=model_type, supports={"sdpa": False})
@@ -77,10 +78,15 @@ def test_bt_arch_follows_each_optimum_releases_mapping(model_type):
         if not row.get("bettertransformer"):
             continue
         r = check({"torch_dtype": "float16", "to_bettertransformer": True}, target="t4", model=spec,
-                  overrides=[f"packages.optimum={v}", "packages.transformers=4.35.2", "packages.torch=2.1.2"])
-        fired = any(f["rule"] == "BT-ARCH" for f in r["findings"])
-        if fired == (model_type in row["bt_model_types"]):
+                  overrides=[f"packages.optimum={v}", "packages.transformers=4.35.2", f"packages.torch={torch}"])
+        if any(f["rule"] == rule for f in r["findings"]) != expect(row):
             wrong.append(v)
+    return wrong
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert", "mistral", "qwen2"])
+def test_bt_arch_follows_each_optimum_releases_mapping(model_type):
+    wrong = _optimum_disagreements("BT-ARCH", model_type, "2.1.2", lambda row: model_type not in row["bt_model_types"])
     assert not wrong, f"BT-ARCH disagrees with optimum's MODEL_MAPPING for {model_type} in {wrong}"
 
 
@@ -220,18 +226,8 @@ def test_fa2_offload_refusal_follows_each_release(tmp_path, capsys):
 @pytest.mark.parametrize("model_type", ["bert", "gpt2"])
 def test_bt_torch_gate_follows_each_optimum_release(model_type):
     """torch 1.13.1: refused for every model from optimum 1.11, for requires_torch_20() types before."""
-    from autotune.model import ModelSpec
-
-    spec = ModelSpec(path="x", model_type=model_type, supports={"sdpa": False})
-    wrong = []
-    for v, row in TABLE["optimum"].items():
-        if not row.get("bettertransformer"):
-            continue
-        r = check({"torch_dtype": "float16", "to_bettertransformer": True}, target="t4", model=spec,
-                  overrides=[f"packages.optimum={v}", "packages.transformers=4.35.2", "packages.torch=1.13.1"])
-        fired = any(f["rule"] == "BT-TORCH-FLOOR" for f in r["findings"])
-        if fired != bool(row.get("bt_torch2_all") or model_type in (row.get("bt_torch2_model_types") or [])):
-            wrong.append(v)
+    wrong = _optimum_disagreements("BT-TORCH-FLOOR", model_type, "1.13.1",
+                                   lambda row: bool(row.get("bt_torch2_all") or model_type in (row.get("bt_torch2_model_types") or [])))
     assert not wrong, f"BT-TORCH-FLOOR disagrees with optimum's transform() for {model_type} in {wrong}"
 
 
