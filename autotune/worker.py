@@ -27,8 +27,9 @@ import os
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import apply_runtime, compile_kwargs, from_pretrained_kwargs, model_class_of, reset_runtime
 
@@ -193,6 +194,36 @@ def _wait_for(path: str | None, limit_s: float = 300.0) -> None:
         time.sleep(0.02)
 
 
+def _hold(spec: dict[str, Any]) -> None:
+    """Warmed up: say so (``warm_file``), then wait to be let into the timed runs (``wait_for``)."""
+    if spec.get("warm_file"):  # the runner may now let another candidate's timed runs go first
+        Path(spec["warm_file"]).touch()
+    _wait_for(spec.get("wait_for"), float(spec.get("wait_limit_s") or 300.0))
+
+
+@contextmanager
+def _timed_section(pin_cpus: list[int] | None = None) -> Iterator[list[float]]:
+    """GC off (and the thread pinned where asked) while timing; yields the section's wall-clock
+    bounds [start, end], comparable across processes."""
+    window = [time.time()]
+    gc_was = gc.isenabled()
+    gc.disable()
+    pinned = _pin(pin_cpus)
+    try:
+        yield window
+    finally:
+        window.append(time.time())
+        if gc_was:
+            gc.enable()
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned)
+
+
+def _p50_p99(values: list[float]) -> tuple[float, float]:
+    srt = sorted(values)
+    return srt[len(srt) // 2], srt[min(len(srt) - 1, int(len(srt) * 0.99))]
+
+
 def _capacity_check(torch: Any, model: Any, vocab: int, base: dict[str, Any], w: dict[str, Any], spec: dict[str, Any], device: Any) -> dict[str, Any]:
     """One generate per shape in ``spec["capacity"]``: does it fit, and its peak.
     A static cache runs uncompiled here and stops after two tokens: the cache is allocated for
@@ -246,14 +277,12 @@ def _pin(cpus: list[int] | None) -> set[int] | None:
 def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, int]:
     """``from_pretrained`` with the config's parts and process-wide runtime settings applied;
     returns (model, its device, the vocabulary size)."""
-    from transformers import AutoModelForCausalLM
-
     apply_runtime(cfg)
     kwargs = from_pretrained_kwargs(cfg)
     fp = cfg["from_pretrained"]
     if not torch.cuda.is_available() and "device_map" not in fp and "distributed_config" not in fp:
         kwargs["device_map"] = "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model = model_class_of(cfg).from_pretrained(model_path, **kwargs)  # AutoModelForCausalLM unless runtime.model_class says
     model.eval()
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     return model, next(model.parameters()).device, vocab
@@ -443,21 +472,15 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     first_s = time.perf_counter() - t1
     if compiled:
         generate()
-    if spec.get("warm_file"):  # the runner may now let another candidate's timed runs go first
-        Path(spec["warm_file"]).touch()
-    _wait_for(spec.get("wait_for"), float(spec.get("wait_limit_s") or 300.0))
+    _hold(spec)
     graphs_before = _dynamo_graphs(torch)
-    window = [time.time()]  # wall-clock bounds of the timed runs (comparable across processes)
 
     # Timed runs: at least ``min_reps``; up to ``reps`` while they disagree by more than
     # ``rep_spread`` of their median (the finalists are re-measured in fresh processes anyway).
     runs: list[dict[str, Any]] = []
     max_reps = spec.get("reps", 3)
     min_reps = min(spec.get("min_reps", max_reps), max_reps)
-    gc_was = gc.isenabled()
-    gc.disable()
-    pinned = _pin(spec.get("pin_cpus"))
-    try:
+    with _timed_section(spec.get("pin_cpus")) as window:
         while len(runs) < max_reps:
             if len(runs) >= min_reps:
                 speeds = [r["decode_tok_s"] for r in runs]
@@ -472,12 +495,6 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             itl = [b - a for a, b in zip(times, times[1:])]
             decode = (w["batch_size"] * (n_new - 1) / (times[-1] - times[0])) if n_new > 1 else float("nan")
             runs.append({"ttft_s": ttft, "total_s": total, "decode_tok_s": decode, "itl_s": itl})
-    finally:
-        window.append(time.time())
-        if gc_was:
-            gc.enable()
-        if pinned is not None:
-            os.sched_setaffinity(0, pinned)
     recompiled = _dynamo_graphs(torch) - graphs_before
     if graphs_before >= 0 and recompiled > 0:
         raise RuntimeError(f"torch.compile recompiled {recompiled} time(s) during the timed runs: timings rejected")
@@ -491,10 +508,9 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "total_s": statistics.median(r["total_s"] for r in runs),
         "timed_window": window,
     }
-    itl = sorted(x for r in runs for x in r["itl_s"])
+    itl = [x for r in runs for x in r["itl_s"]]
     if itl:
-        res["itl_p50_s"] = itl[len(itl) // 2]
-        res["itl_p99_s"] = itl[min(len(itl) - 1, int(len(itl) * 0.99))]
+        res["itl_p50_s"], res["itl_p99_s"] = _p50_p99(itl)
     res["compile_s"] = max(0.0, first_s - res["total_s"]) if compiled else 0.0
     res.update(_peaks(torch, cuda))
     res["gpu_state"] = gpu_state() if cuda and rank == 0 else None
@@ -530,20 +546,13 @@ def _measure_encode(torch: Any, spec: dict[str, Any], out: Path) -> dict[str, An
     cfg, w = spec["config"], spec["workload"]
     cuda = torch.cuda.is_available()
     torch.manual_seed(spec.get("seed", 0))
-    apply_runtime(cfg)
-    kwargs = from_pretrained_kwargs(cfg)
-    if not cuda and "device_map" not in kwargs:
-        kwargs["device_map"] = "cpu"
     t0 = time.perf_counter()
-    model = model_class_of(cfg).from_pretrained(spec["model"], **kwargs)
-    model.eval()
-    device = next(model.parameters()).device
+    model, device, vocab = _load(torch, spec["model"], cfg)
     _sync(torch)
     load_s = time.perf_counter() - t0
     comp = compile_kwargs(cfg)
     if comp is not None:
         model.compile(**comp)
-    vocab = model.config.vocab_size
     inputs = encoder_inputs(torch, vocab, w, spec.get("seed", 0), device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -559,35 +568,26 @@ def _measure_encode(torch: Any, spec: dict[str, Any], out: Path) -> dict[str, An
     for _ in range(3):  # a compiled model settles (CUDA graphs record on a later call)
         forward()
     _sync(torch)
-    if spec.get("warm_file"):
-        Path(spec["warm_file"]).touch()
-    _wait_for(spec.get("wait_for"), float(spec.get("wait_limit_s") or 300.0))
+    _hold(spec)
     # Timed: one forward each, until both ``min_iters`` and ``min_time_s`` are reached (capped)
     lat: list[float] = []
-    window = [time.time()]
     start = time.perf_counter()
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with _timed_section() as window:
         while len(lat) < int(spec.get("max_iters", 200)) and (len(lat) < int(spec.get("min_iters", 10)) or time.perf_counter() - start < float(spec.get("min_time_s", 1.0))):
             a = time.perf_counter()
             forward()
             _sync(torch)
             lat.append(time.perf_counter() - a)
-    finally:
-        window.append(time.time())
-        if gc_was:
-            gc.enable()
     b = w["batch_size"]
-    srt = sorted(lat)
+    p50, p99 = _p50_p99(lat)
     res: dict[str, Any] = {
         "load_s": load_s,
         "first_call_s": first_s,
         "compile_s": max(0.0, first_s - statistics.median(lat)) if comp is not None else 0.0,
         "runs": [{"seq_s": b / x, "latency_s": x} for x in lat],
         "seq_s": b / statistics.median(lat),
-        "latency_p50_s": srt[len(srt) // 2],
-        "latency_p99_s": srt[min(len(srt) - 1, int(len(srt) * 0.99))],
+        "latency_p50_s": p50,
+        "latency_p99_s": p99,
         "timed_window": window,
     }
     res.update(_peaks(torch, cuda))
