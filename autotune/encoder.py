@@ -178,7 +178,7 @@ class EncoderTuner(OnBench):
             compiled = [self.trial("compile", encoder_config(t.config["from_pretrained"].get("dtype"), t.config["from_pretrained"].get("attn_implementation"), mode))
                         for t in near for mode in COMPILE_MODES_MEASURED]
             compiled = bench.add(compiled)
-            launched = bench.launch(compiled) if self._fit_together(compiled) else {}
+            launched = bench.launch(compiled) if sp.fit_together(compiled) else {}
             bench.warm(launched)
             for t in compiled:
                 bench.measure(t, launched.get(t.label))
@@ -204,15 +204,6 @@ class EncoderTuner(OnBench):
         return TuneResult(config=config, trials=self.trials, pick=pick, baseline=self.baseline, facts=self.facts, model=self.model,
                           workload=self.workload, objective=self.objective, wall_s=self.bench.elapsed(), measured=True, notes=self.notes,
                           capacity={}, quality_floor=floor, interrupted=interrupted, timeline=self.bench.timeline)
-
-    def _fit_together(self, trials: list[Trial]) -> bool:
-        budget = self.space.budget(0) if self.space.device == "cuda" else None
-        ests = [t.estimate_gib for t in trials if t.status == "planned"]
-        if budget is None or not ests or not all(isinstance(e, (int, float)) for e in ests):
-            return False
-        from .memory import GIB
-
-        return sum(ests) * GIB + self.space.headroom <= budget
 
     def head_to_head(self) -> None:
         """The two fastest, each measured once more in a fresh process, when they are close."""

@@ -126,8 +126,12 @@ class Bench:
         t0 = self.elapsed()
         result = self.runner.run(spec)
         self.timeline.append({"label": spec["label"], "start_s": round(t0, 1), "wall_s": round(self.elapsed() - t0, 1), "cached": False})
+        return self._keep(key, spec["label"], result)
+
+    def _keep(self, key: str | None, label: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A fresh result into the cache — unless something else loaded the machine meanwhile."""
         if result.get("contention"):
-            self.contended.append(f"{spec['label']}: {result['contention']}")
+            self.contended.append(f"{label}: {result['contention']}")
         elif key and self.cache:  # a run taken while something else loaded the machine is never reused
             self.cache.put(key, result)
         return result
@@ -216,11 +220,7 @@ class Bench:
         result = run.result()
         self.timeline.append({"label": item["label"], "start_s": round(item["start_s"], 1), "wall_s": round(self.elapsed() - item["start_s"], 1),
                               "cached": False, "warm_s": result.get("warm_s"), "released_s": round(t0, 1)})
-        if result.get("contention"):
-            self.contended.append(f"{item['label']}: {result['contention']}")
-        elif item["key"] and self.cache:
-            self.cache.put(item["key"], result)
-        return result
+        return self._keep(item["key"], item["label"], result)
 
     def over_host_budget(self, result: dict[str, Any]) -> str | None:
         """--max-memory cpu=... on a run that used no GPU: a process cannot be capped in RAM

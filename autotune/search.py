@@ -28,7 +28,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
-from .memory import BYTES, GIB
+from .memory import BYTES
 from .space import DTYPES, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
 
@@ -339,18 +339,8 @@ class Search:
                 self.bench.measure(t, launched.get(t.label))
 
     def overlap_fits(self, trials: list[Trial], also: Sequence[Trial] = ()) -> bool:
-        """May ``trials`` warm up at once on GPU 0 (beside the biggest of ``also``, a screen)?
-        Only on one GPU, under no --max-memory budget (a per-process cap would not bound their
-        sum), and when their estimates together fit what is free."""
-        sp = self.space
-        if sp.device != "cuda" or len(trials) < 1 or self.bench.max_memory or not self.bench.can_launch():
-            return False
-        if any(t.config["from_pretrained"].get("device_map") not in ({"": 0}, "cuda", "cuda:0", 0) or not isinstance(t.estimate_gib, (int, float))
-               for t in [*trials, *also]):
-            return False
-        budget = sp.budget(0)
-        extra = max((t.estimate_gib for t in also), default=0.0)
-        return budget is not None and (sum(t.estimate_gib for t in trials) + extra) * GIB + sp.headroom <= budget
+        """May ``trials`` warm up at once (beside the biggest of ``also``, a screen)? See Space.fit_together."""
+        return self.bench.can_launch() and self.space.fit_together(trials, also)
 
 
 def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:

@@ -9,7 +9,7 @@ Adding an axis (a quantization backend, a compile mode, a decode loop) means: a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .config import Candidate, Workload, parse_config
 from .engine import run as run_rules
@@ -187,6 +187,20 @@ class Space:
             return self.max_memory[str(index)]
         b = gpu_budget(self.facts, index, Candidate())
         return None if b is UNKNOWN else b
+
+    def fit_together(self, trials: Sequence[Any], also: Sequence[Any] = ()) -> bool:
+        """May ``trials`` sit in GPU 0's memory at once (beside the biggest of ``also``, e.g. a
+        screen)? Only on CUDA, on one GPU each, under no --max-memory budget (a per-process cap
+        would not bound their sum), and when their estimates together fit what is free."""
+        live = [t for t in trials if t.status != "dropped"]
+        if self.device != "cuda" or not live or self.max_memory:
+            return False
+        if any(t.config["from_pretrained"].get("device_map") not in ({"": 0}, "cuda", "cuda:0", 0) or not isinstance(t.estimate_gib, (int, float))
+               for t in [*live, *also]):
+            return False
+        budget = self.budget(0)
+        extra = max((t.estimate_gib for t in also), default=0.0)
+        return budget is not None and (sum(t.estimate_gib for t in live) + extra) * GIB + self.headroom <= budget
 
     def fits_one(self, est: Any) -> bool | None:
         """Does GPU 0 hold it (None: the estimate or the budget is unknown)?"""
