@@ -148,17 +148,14 @@ def _leaf(cond: Mapping[str, Any], get: Callable[[str], Any]) -> Any:
         return Unknown([path]) if v is None else _spec(arg).contains(v, prereleases=True)
     if op in ("in_release", "not_in_release"):  # a list of the installed release of another package ("optimum:bt_model_types")
         package, key = arg.split(":", 1)
-        installed = get(f"pkg.{package}")
-        if installed is UNKNOWN:
-            return Unknown([f"pkg.{package}"])
-        listed = release_fact(package, installed, key) if installed is not None else None
+        listed = get(f"release.{package}.{key}")
         if listed is UNKNOWN:
             return Unknown([f"pkg.{package}"])
         if not isinstance(listed, list):  # not installed, or this release has no such list: nothing to be in
             return False
         return (value in listed) == (op == "in_release")
     if op in ("release_has", "release_lacks"):  # a fact of the installed release, from the harvested table
-        has = release_fact(path.split(".", 1)[1], value, arg)
+        has = get(f"release.{path.split('.', 1)[1]}.{arg}")
         if not isinstance(has, bool):
             return Unknown([path])
         return has if op == "release_has" else not has
