@@ -182,9 +182,7 @@ def _compact(obj: Any) -> str:
 
 
 def _encoder_lines(result: Any) -> list[str]:
-    """An encoder's tune: sequences/s and latency per forward; then the config."""
-    import json as _json
-
+    """An encoder's tune: sequences/s and latency per forward, and the pick against the default."""
     w = result.workload
     lines = [f"Workload: encoder forward, batch {w.batch_size} x {w.prompt_len} tokens{', padded' if w.padding else ''}; "
              f"objective {result.objective}; {result.wall_s:.0f} s", ""]
@@ -208,6 +206,20 @@ def _encoder_lines(result: Any) -> list[str]:
     p = result.pick.median("seq_s") if result.pick is not None else None
     if b and p:
         lines.append(f"Pick vs AutoModel.from_pretrained defaults: {p:.1f} vs {b:.1f} sequences/s ({p / b:.2f}x)")
+    return lines
+
+
+def _tail(result: Any) -> list[str]:
+    """How to start a multi-process config, the notes, then the config itself."""
+    import json as _json
+
+    lines: list[str] = []
+    launch = (result.config.get("runtime") or {}).get("launch") if result.config else None
+    if launch:
+        lines += ["", "This config runs as one process per GPU. Start your script with:", f"  {launch}",
+                  "and in it:", "  import autotune, json",
+                  "  model = autotune.load(MODEL, json.load(open('config.json')))  # each process loads its shard",
+                  "  out = model.generate(**inputs)  # every process runs the same generate; rank 0's output is the answer"]
     for n in result.notes:
         lines.append(_wrap(f"note: {n}", 0))
     lines.append("")
@@ -217,14 +229,12 @@ def _encoder_lines(result: Any) -> list[str]:
 
 def tune_text(result: Any) -> str:
     """The final table: candidate, status, tokens/s, TTFT, peak memory, reason; then the config."""
-    import json as _json
-
     lines = []
     w = result.workload
     head = "Predicted" if not result.measured else "Measured"
     lines.append(f"{head} on {result.facts.source}: model {result.model.path} ({result.model.param_count:,} parameters)" if isinstance(result.model.param_count, int) else f"{head}: {result.model.path}")
     if getattr(w, "task", "generate") == "encode":
-        return "\n".join(lines + _encoder_lines(result))
+        return "\n".join(lines + _encoder_lines(result) + _tail(result))
     lines.append(f"Workload: batch {w.batch_size}, prompt {w.prompt_len}, {w.new_tokens} new tokens{', padded' if w.padding else ''}; objective {result.objective}; {result.wall_s:.0f} s")
     if result.trials and result.measured:
         lines.append("")
@@ -276,14 +286,4 @@ def tune_text(result: Any) -> str:
             how = "not checked by a run"
         lines.append(f"Capacity of the pick (memory model, calibration x{c.get('calibration')}; {how}): batch up to {c.get('max_batch_size')} "
                      f"at this prompt length; prompt up to {c.get('max_prompt_len')} tokens at this batch size")
-    launch = (result.config.get("runtime") or {}).get("launch") if result.config else None
-    if launch:
-        lines += ["", "This config runs as one process per GPU. Start your script with:", f"  {launch}",
-                  "and in it:", "  import autotune, json",
-                  "  model = autotune.load(MODEL, json.load(open('config.json')))  # each process loads its shard",
-                  "  out = model.generate(**inputs)  # every process runs the same generate; rank 0's output is the answer"]
-    for n in result.notes:
-        lines.append(_wrap(f"note: {n}", 0))
-    lines.append("")
-    lines.append(_json.dumps(result.config, indent=2) if result.config else "No working configuration found.")
-    return "\n".join(lines)
+    return "\n".join(lines + _tail(result))

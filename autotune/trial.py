@@ -79,33 +79,19 @@ def bootstrap_ci(values: list[float], n: int = 500, seed: int = 0) -> tuple[floa
 
 
 def summary(t: Trial) -> dict[str, Any]:
-    if t.values("seq_s"):  # an encoder's forward
-        ci = t.ci("seq_s")
-        return {
-            "seq_s": _r(t.median("seq_s")),
-            "seq_s_ci95": [_r(ci[0]), _r(ci[1])] if ci else None,
-            "latency_p50_ms": _r((t.metric("latency_p50_s") or 0) * 1000, 2),
-            "latency_p99_ms": _r((t.metric("latency_p99_s") or 0) * 1000, 2),
-            "load_s": _r(t.metric("load_s"), 2),
-            "compile_s": _r(t.metric("compile_s"), 1),
-            "gpu_peak_gib": t.gpu_peak_gib(),
-            "host_peak_gib": t.metric("host_peak_gib"),
-            "runs": len(t.values("seq_s")),
-        }
-    ci = t.ci("decode_tok_s")
-    return {
-        "decode_tok_s": _r(t.median("decode_tok_s")),
-        "decode_tok_s_ci95": [_r(ci[0]), _r(ci[1])] if ci else None,
-        "ttft_ms": _r((t.median("ttft_s") or 0) * 1000),
-        "total_s": _r(t.median("total_s"), 3),
-        "itl_p50_ms": _r((t.metric("itl_p50_s") or 0) * 1000),
-        "itl_p99_ms": _r((t.metric("itl_p99_s") or 0) * 1000),
-        "load_s": _r(t.metric("load_s"), 2),
-        "compile_s": _r(t.metric("compile_s"), 1),
-        "gpu_peak_gib": t.gpu_peak_gib(),
-        "host_peak_gib": t.metric("host_peak_gib"),
-        "runs": len(t.values("decode_tok_s")),
-    }
+    """The headline figures: the rate with its interval, what the task adds (an encoder's forward
+    latency; a generation's TTFT, total and inter-token latency), load, compile, peaks, runs."""
+    speed = "seq_s" if t.values("seq_s") else "decode_tok_s"
+    ci = t.ci(speed)
+    out: dict[str, Any] = {speed: _r(t.median(speed)), f"{speed}_ci95": [_r(ci[0]), _r(ci[1])] if ci else None}
+    if speed == "seq_s":
+        out.update(latency_p50_ms=_r((t.metric("latency_p50_s") or 0) * 1000, 2), latency_p99_ms=_r((t.metric("latency_p99_s") or 0) * 1000, 2))
+    else:
+        out.update(ttft_ms=_r((t.median("ttft_s") or 0) * 1000), total_s=_r(t.median("total_s"), 3),
+                   itl_p50_ms=_r((t.metric("itl_p50_s") or 0) * 1000), itl_p99_ms=_r((t.metric("itl_p99_s") or 0) * 1000))
+    out.update(load_s=_r(t.metric("load_s"), 2), compile_s=_r(t.metric("compile_s"), 1), gpu_peak_gib=t.gpu_peak_gib(),
+               host_peak_gib=t.metric("host_peak_gib"), runs=len(t.values(speed)))
+    return out
 
 
 def _r(x: Any, nd: int = 1) -> Any:
