@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .config import Workload
 from .facts import Facts
-from .judge import Judge, dtype_of, logits_of
+from .judge import Judge, dtype_of, logits_of, precision_of, quickest_compile
 from .measure import Bench, OnBench
 from .model import ModelSpec
 from .space import DTYPES, Space, finish_config
@@ -84,7 +84,7 @@ def check_embeddings(trials: list[Trial], notes: list[str]) -> float | None:
 
     def precision(item: tuple[Trial, Any]) -> tuple[int, int, int]:
         t = item[0]
-        return ({"float32": 0, "float16": 1, "bfloat16": 2}.get(dtype_of(t), 3),
+        return (precision_of(t),
                 0 if t.config["from_pretrained"].get("attn_implementation") == "eager" else 1,
                 1 if (t.config.get("runtime") or {}).get("compile") else 0)
 
@@ -224,7 +224,8 @@ class EncoderTuner(OnBench):
             if t.stage != "compile" or t.status != STATUS_OK:
                 continue
             twin = by_key.get((dtype_of(t), t.config["from_pretrained"].get("attn_implementation")))
-            comp = min((r["compile_s"] for r in t.results if r.get("status") == STATUS_OK and r.get("compile_s")), default=None)
+            quick = quickest_compile(t)
+            comp = quick["compile_s"] if quick else None
             fast, slow = t.median("latency_s"), twin.median("latency_s") if twin else None
             if comp and fast and slow and slow > fast:
                 batches = comp / (slow - fast)

@@ -13,6 +13,19 @@ OBJECTIVES = ("throughput", "latency", "memory")
 HALF = ("bfloat16", "float16")
 
 
+# the reference for quality is the most precise candidate: float32 first, then fp16 (3 more mantissa bits than bf16)
+PRECISION = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def precision_of(t: Trial) -> int:
+    return PRECISION.get(dtype_of(t), len(PRECISION))
+
+
+def quickest_compile(t: Trial) -> dict[str, Any] | None:
+    """The good measurement with the shortest compile (a later process finds the compiler's caches warm)."""
+    return min((r for r in t.results if r.get("status") == STATUS_OK and r.get("compile_s")), key=lambda r: r["compile_s"], default=None)
+
+
 def dtype_of(t: Trial) -> Any:
     return t.metric("dtype") or t.config["from_pretrained"].get("dtype")
 
@@ -96,7 +109,7 @@ class Judge:
 
         def precision(item: tuple[Trial, Any]) -> tuple[int, int, int]:
             t = item[0]
-            dt = {"float32": 0, "float16": 1, "bfloat16": 2}.get(dtype_of(t), 3)
+            dt = precision_of(t)
             return (dt + (10 if quantized(t) else 0), 0 if t.config["from_pretrained"].get("attn_implementation") == "eager" else 1,
                     0 if t.status == STATUS_OK else 1)
 
@@ -140,10 +153,8 @@ class Judge:
             fp = t.config["from_pretrained"]
             twins = [x for x in plain if x.stage != "baseline" and x.config["from_pretrained"] == fp and x.config["runtime"] == t.config["runtime"]]
             twin = twins[0] if twins else max(plain, key=lambda x: x.median("decode_tok_s") or 0, default=None)
-            # the quickest of its compiles (a later process finds the compiler's caches warm); one
-            # taken while other candidates warmed up beside it is an upper bound
-            runs = [r for r in t.results if r.get("status") == STATUS_OK and r.get("compile_s")]
-            first = min(runs, key=lambda r: r["compile_s"], default=None)
+            # one taken while other candidates warmed up beside it is an upper bound
+            first = quickest_compile(t)
             comp, fast, slow = first["compile_s"] if first else None, t.median("decode_tok_s"), twin.median("decode_tok_s") if twin else None
             if comp and fast and slow and fast > slow:
                 tokens = comp / (1 / slow - 1 / fast)
