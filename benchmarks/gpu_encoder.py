@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_tune import cli  # noqa: E402  (runs `autotune tune ... --json` as a user would, keeps the report)
 BERT_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=30522,
                  max_position_embeddings=512)
 
@@ -35,28 +35,6 @@ def build_bert(path: Path) -> Path:
     torch.manual_seed(0)
     BertModel(BertConfig(**BERT_BASE)).save_pretrained(path)
     return path
-
-
-def tune(out: Path, name: str, model: Path, batch: int, padding: bool = False) -> dict:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "autotune", "tune", str(model), "--batch-size", str(batch), "--seq-len", "128", "--no-cache", "--json",
-                        *(["--padding"] if padding else [])],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    wall = time.perf_counter() - t0
-    rep = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr[-3000:]}
-    rep["cli_wall_s"] = round(wall, 1)
-    (out / f"{name}.json").write_text(json.dumps(rep, indent=1))
-    print(f"{name}: {wall:.1f} s, pick {rep.get('pick')}", flush=True)
-    if "error" in rep:
-        print(rep["error"], flush=True)
-    for t in rep.get("trials", []):
-        s = t.get("summary") or {}
-        q = t.get("quality") or {}
-        print(f"  {t['label'][:58]:58} {t['status']:12} {s.get('seq_s')} seq/s p50 {s.get('latency_p50_ms')} ms p99 {s.get('latency_p99_ms')} ms "
-              f"peak {s.get('gpu_peak_gib')} cos {q.get('cos_mean')} {t.get('reason', '')[:80]}", flush=True)
-    for n in rep.get("notes", []):
-        print("  note:", n[:220], flush=True)
-    return rep
 
 
 def prepare_minilm(dest: Path = ROOT / "bench-data") -> None:
@@ -103,7 +81,8 @@ def main() -> None:
     os.environ.setdefault("AUTOTUNE_CACHE_DIR", "/tmp/autotune-cache")
     model = Path("/tmp/minilm") if args.model == "minilm" else build_bert(Path("/tmp/bert-base"))
     for b in (int(x) for x in args.batches.split(",")):
-        tune(out, f"tune-{args.model}-b{b}" + ("-padded" if args.padding else ""), model, b, args.padding)
+        cli(out, f"tune-{args.model}-b{b}" + ("-padded" if args.padding else ""), str(model), "--batch-size", str(b), "--seq-len", "128",
+            "--no-cache", *(["--padding"] if args.padding else []))
 
 
 if __name__ == "__main__":

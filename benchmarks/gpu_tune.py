@@ -72,7 +72,11 @@ def cli(out: Path, name: str, *args: str) -> dict:
     for t in report.get("trials", []):
         s = t.get("summary") or {}
         walls = [m.get("wall_s") for m in t.get("measurements", [])]
-        print(f"  {t['label'][:50]:50} {t['status']:12} {s.get('decode_tok_s')} tok/s ttft {s.get('ttft_ms')} ms peak {s.get('gpu_peak_gib')} "
+        if "seq_s" in s:  # an encoder's forward
+            speed = f"{s['seq_s']} seq/s p50 {s.get('latency_p50_ms')} ms p99 {s.get('latency_p99_ms')} ms cos {(t.get('quality') or {}).get('cos_mean')}"
+        else:
+            speed = f"{s.get('decode_tok_s')} tok/s ttft {s.get('ttft_ms')} ms"
+        print(f"  {t['label'][:58]:58} {t['status']:12} {speed} peak {s.get('gpu_peak_gib')} "
               f"est {t.get('estimate_gib')} runs {s.get('runs')} wall {walls} {t['reason'][:90]}", flush=True)
         if (t.get("screen") or {}).get("step_ms"):
             print(f"    screen {t['screen']['step_ms']:.3f} ms/step", flush=True)
