@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .config import Workload
 from .facts import Facts
-from .judge import Judge, dtype_of, logits_of, precision_of, quickest_compile
+from .judge import Judge, dtype_of, logits_of, mark_reference, precision_of, quickest_compile
 from .measure import Bench, OnBench
 from .model import ModelSpec
 from .space import DTYPES, Space, finish_config
@@ -100,9 +100,7 @@ def check_embeddings(trials: list[Trial], notes: list[str]) -> float | None:
             floors[dt(t)] = min(floors.get(dt(t), gap), gap)
     for t, _ in have:
         if t is ref:
-            t.quality = {"reference": True, "cos_mean": 1.0, "cos_min": 1.0}
-            if not all(r.get("logits_finite", True) for r in t.results if r.get("status") == STATUS_OK):
-                t.status, t.reason = "wrong", "the reference's embeddings contain NaN/inf"
+            mark_reference(t, {"cos_mean": 1.0, "cos_min": 1.0}, "embeddings")
             continue
         m = gaps[id(t)]
         floor = max(floors.get(dt(t), 0.0), 0.0)
@@ -147,14 +145,8 @@ class EncoderTuner(OnBench):
     def make_baseline(self) -> Trial:
         """``AutoModel.from_pretrained(path)`` as a user writes it, on the device: the checkpoint's
         dtype as transformers loads it by default, its default attention, no compile."""
-        cfg = {"from_pretrained": {"device_map": "cuda" if self.space.device == "cuda" else "cpu"}, "generate": {},
-               "runtime": {"model_class": "AutoModel"}}
-        if self.space.trust_remote_code:
-            cfg["from_pretrained"]["trust_remote_code"] = True
-        t = Trial(label="baseline: AutoModel.from_pretrained(path) defaults", stage="baseline", config=cfg, simplicity=0)
-        self.space.judge(t)
-        self.baseline = t
-        return t
+        self.baseline = self.space.baseline("baseline: AutoModel.from_pretrained(path) defaults", {"model_class": "AutoModel"})
+        return self.baseline
 
     def search(self) -> None:
         """The stages of the module's docstring, in order."""

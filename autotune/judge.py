@@ -26,6 +26,14 @@ def quickest_compile(t: Trial) -> dict[str, Any] | None:
     return min((r for r in t.results if r.get("status") == STATUS_OK and r.get("compile_s")), key=lambda r: r["compile_s"], default=None)
 
 
+def mark_reference(t: Trial, perfect: dict[str, Any], what: str) -> None:
+    """``t`` is what the others are compared with: its quality is ``perfect``; NaN/inf in its
+    output (``what``) makes it wrong, and so no reference."""
+    t.quality = {"reference": True, **perfect}
+    if not all(r.get("logits_finite", True) for r in t.results if r.get("status") == STATUS_OK):
+        t.status, t.reason = "wrong", f"the reference's {what} contain NaN/inf"
+
+
 def dtype_of(t: Trial) -> Any:
     return t.metric("dtype") or t.config["from_pretrained"].get("dtype")
 
@@ -130,9 +138,7 @@ class Judge:
         lowest = min(floors.values()) if floors else (HALF_REFERENCE_FLOOR if ref_dtype in HALF else 0.0)
         for t, _ in have:
             if t is ref:
-                t.quality = {"reference": True, "kl": 0.0, "top1": 1.0}
-                if not all(r.get("logits_finite", True) for r in t.results if r.get("status") == STATUS_OK):
-                    t.status, t.reason = "wrong", "the reference's logits contain NaN/inf"
+                mark_reference(t, {"kl": 0.0, "top1": 1.0}, "logits")
                 continue
             m = measures[id(t)]
             floor = floors.get(dtype_of(t), lowest)

@@ -69,13 +69,8 @@ class Search:
 
     def make_baseline(self) -> Trial:
         """transformers' defaults as a user loads them: the checkpoint's dtype, sdpa, dynamic cache."""
-        cfg = {"from_pretrained": {"device_map": "cuda" if self.space.device == "cuda" else "cpu"}, "generate": {}, "runtime": {}}
-        if self.space.trust_remote_code:
-            cfg["from_pretrained"]["trust_remote_code"] = True
-        t = Trial(label="baseline: from_pretrained(device_map) defaults", stage="baseline", config=cfg, simplicity=0)
-        self.space.judge(t)
-        self.baseline = t
-        return t
+        self.baseline = self.space.baseline("baseline: from_pretrained(device_map) defaults")
+        return self.baseline
 
     def compiled_applies(self) -> bool:
         return (self.space.device == "cuda" and self.fixed.get("cache") != "dynamic" and self.judge.objective != "memory")

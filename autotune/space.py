@@ -266,6 +266,15 @@ class Space:
         t.simplicity += 1 if t.warnings else 0  # a rule's warning (runs, but emulated or risky) loses ties
         return t
 
+    def baseline(self, label: str, runtime: dict[str, Any] | None = None) -> Trial:
+        """transformers' defaults as a user loads them on this device (``runtime``: e.g. the Auto class), judged."""
+        cfg: dict[str, Any] = {"from_pretrained": {"device_map": "cuda" if self.device == "cuda" else "cpu"}, "generate": {}, "runtime": dict(runtime or {})}
+        if self.trust_remote_code:
+            cfg["from_pretrained"]["trust_remote_code"] = True
+        t = Trial(label=label, stage="baseline", config=cfg, simplicity=0)
+        self.judge(t)
+        return t
+
     def judge(self, t: Trial) -> None:
         """Rules and the memory estimate, before anything is loaded."""
         cand = parse_config(t.config, workload=self.workload)
