@@ -58,7 +58,8 @@ class Candidate:
     dtype_key: Any = None  # the spelling used: "dtype" or "torch_dtype"
     attn_implementation: Any = None  # None: transformers' default
     sdpa_backend: Any = None
-    quantization: str = "none"  # none / bnb-8bit / bnb-4bit / other:<method>
+    quantization: str = "none"  # none / bnb-8bit / bnb-4bit / torchao / other:<method>
+    torchao_type: Any = None  # torchao's config class (quant_type's "_type"), e.g. "Int4WeightOnlyConfig"
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -77,6 +78,8 @@ class Candidate:
     tuned_on: Any = None
     model_class: Any = None  # runtime.model_class: the transformers Auto class to load with (None: AutoModelForCausalLM)
     torch_compile: Any = None  # runtime.compile: torch.compile's mode ("default", "reduce-overhead", ...) or None
+    compile_mode: Any = None  # generate.compile_config.mode (transformers' CompileConfig; None: its default, reduce-overhead)
+    decode_loop: Any = None  # runtime.decode_loop: "sync-free" (autotune.decode through custom_generate) or None (transformers' own)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -96,9 +99,14 @@ class Candidate:
             q = self.quantization
             if q == "bnb-4bit":
                 q += f"-{self.bnb_4bit_quant_type or 'fp4'}"
+            if q == "torchao":
+                q += f"-{TORCHAO_SHORT.get(self.torchao_type, self.torchao_type)}"
             parts.append(q)
         if self.cache_implementation:
-            parts.append(f"{self.cache_implementation}-cache" + ("+compile" if self.compile else ""))
+            mode = f"({self.compile_mode})" if self.compile and self.compile_mode not in (None, "reduce-overhead") else ""
+            parts.append(f"{self.cache_implementation}-cache" + (f"+compile{mode}" if self.compile else ""))
+        if self.decode_loop:
+            parts.append(f"{self.decode_loop}-loop")
         if self.torch_compile:
             parts.append("torch.compile" + ("" if self.torch_compile == "default" else f"({self.torch_compile})"))
         if self.device_map not in (None, {"": 0}, "cuda", 0):
@@ -259,6 +267,9 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
                 raise ConfigError("quantization_config: set exactly one of load_in_4bit or load_in_8bit to true")
             kw["quantization"] = "bnb-4bit" if b4 else "bnb-8bit"
             _bnb_options(q, kw, "quantization_config.")
+        elif method == "torchao":
+            kw["quantization"] = "torchao"
+            kw["torchao_type"] = torchao_type(q)
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):
@@ -296,6 +307,18 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         kw["cache_implementation"] = gen["cache_implementation"]
     if "disable_compile" in gen:
         kw["disable_compile"] = _bool(gen["disable_compile"], "generate.disable_compile")
+    if gen.get("compile_config") is not None:
+        cc = gen["compile_config"]
+        if not isinstance(cc, Mapping) or set(cc) - COMPILE_CONFIG_KEYS:
+            raise ConfigError("generate.compile_config: expected an object of transformers' CompileConfig fields "
+                              f"({', '.join(sorted(COMPILE_CONFIG_KEYS))}), e.g. {{\"mode\": \"max-autotune\"}}")
+        mode = cc.get("mode", "reduce-overhead")
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"generate.compile_config.mode: unknown mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+        for key in ("fullgraph",):
+            if key in cc:
+                _bool(cc[key], f"generate.compile_config.{key}")
+        kw["compile_mode"] = mode
     backend = rt.get("sdpa_backend")
     if backend is not None:
         if backend not in SDPA_BACKENDS:
@@ -315,6 +338,11 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         if mode not in COMPILE_MODES:
             raise ConfigError(f"runtime.compile.mode: unknown mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
         kw["torch_compile"] = mode
+    if rt.get("decode_loop") is not None:
+        if rt["decode_loop"] not in DECODE_LOOPS:
+            raise ConfigError(f"runtime.decode_loop: unknown loop {rt['decode_loop']!r}; use one of {', '.join(DECODE_LOOPS)} "
+                              "(or null for transformers' own)")
+        kw["decode_loop"] = rt["decode_loop"]
     if rt.get("launch") is not None:
         if not isinstance(rt["launch"], str):
             raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
@@ -375,6 +403,25 @@ def _bnb_options(q: Mapping[str, Any], kw: dict[str, Any], prefix: str) -> None:
         kw["fp32_cpu_offload"] = _bool(q["llm_int8_enable_fp32_cpu_offload"], f"{prefix}llm_int8_enable_fp32_cpu_offload")
 
 
+# torchao's config classes, as the config dict names them (quant_type's "_type") and as labels say them
+TORCHAO_SHORT = {"Int8WeightOnlyConfig": "int8wo", "Int4WeightOnlyConfig": "int4wo", "Float8WeightOnlyConfig": "float8wo",
+                 "Float8DynamicActivationFloat8WeightConfig": "float8dq", "Int8DynamicActivationInt8WeightConfig": "int8dq"}
+
+
+def torchao_type(q: Mapping[str, Any]) -> str:
+    """The torchao config class a ``TorchAoConfig`` dict names: transformers' own JSON form
+    (``TorchAoConfig.to_dict``: ``{"quant_type": {"default": {"_type": ..., "_data": ...}}}``)."""
+    qt = q.get("quant_type")
+    if isinstance(qt, str):
+        raise ConfigError(f"quantization_config.quant_type: the string form {qt!r} was removed from transformers' TorchAoConfig (5.x "
+                          "takes a torchao config object); write its JSON form, e.g. {\"default\": {\"_type\": \"Int8WeightOnlyConfig\", \"_version\": 2, \"_data\": {}}}")
+    inner = qt.get("default") if isinstance(qt, Mapping) else None
+    if not isinstance(inner, Mapping) or not isinstance(inner.get("_type"), str):
+        raise ConfigError("quantization_config.quant_type: expected TorchAoConfig's JSON form {\"default\": {\"_type\": \"Int4WeightOnlyConfig\", "
+                          "\"_version\": 2, \"_data\": {...}}}")
+    return inner["_type"]
+
+
 def read_config(path: str | Path) -> Any:
     """Read a config file (JSON); every problem with it is a ConfigError with one clear line."""
     return read_json_file(path, "config", ConfigError)
@@ -384,6 +431,9 @@ def read_config(path: str | Path) -> Any:
 TASKS = ("generate", "encode")
 # torch.compile's modes (torch/__init__.py compile(): "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# transformers' CompileConfig fields (generation/configuration_utils.py, 5.17)
+COMPILE_CONFIG_KEYS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options"})
+DECODE_LOOPS = ("sync-free",)
 
 
 def compile_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -421,6 +471,10 @@ def from_pretrained_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
         fp["quantization_config"] = BitsAndBytesConfig(**{k: v for k, v in q.items() if k != "quant_method"})
+    elif isinstance(q, Mapping) and str(q.get("quant_method")).lower() == "torchao":
+        from transformers import TorchAoConfig
+
+        fp["quantization_config"] = TorchAoConfig.from_dict({k: v for k, v in q.items() if k != "quant_method"})
     if isinstance(fp.get("distributed_config"), Mapping):
         from transformers import DistributedConfig
 
@@ -471,7 +525,11 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     ``generate`` options go into ``model.generation_config`` so a plain ``model.generate``
     uses them. ``runtime.model_class`` names the Auto class (``AutoModel`` for an encoder's
     config; ``AutoModelForCausalLM`` when absent) and ``runtime.compile`` compiles the model
-    in place with ``torch.compile``'s options. A config whose ``runtime.launch`` names a multi-process launch raises
+    in place with ``torch.compile``'s options. ``runtime.decode_loop: "sync-free"`` makes
+    ``model.generate`` decode with :func:`autotune.decode.generate` (transformers'
+    ``custom_generate`` hook; pass ``custom_generate=None`` to a call for transformers' own
+    loop). A ``torchao`` ``quantization_config`` (``TorchAoConfig.to_dict``'s JSON form) is
+    rebuilt with ``TorchAoConfig.from_dict``. A config whose ``runtime.launch`` names a multi-process launch raises
     :class:`UserError` with the command, unless this process is one of those it starts. A
     model that is neither a local folder nor reachable on the hub fails in seconds
     (:class:`UserError`), not after transformers' retries.
@@ -497,7 +555,39 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     if comp is not None:  # in place (nn.Module.compile): the model keeps its class and methods
         m.eval()
         m.compile(**comp)
+    loop = decode_loop_of(cfg)
+    if loop is not None:
+        use_decode_loop(m, loop)
     return m
+
+
+def decode_loop_of(cfg: Mapping[str, Any]) -> Any:
+    """The decoding function ``runtime.decode_loop`` names (None: transformers' own loop)."""
+    name = (cfg.get("runtime") or {}).get("decode_loop")
+    if not name:
+        return None
+    from . import decode
+
+    return decode.generate
+
+
+def use_decode_loop(model: Any, loop: Any) -> None:
+    """Make ``model.generate`` pass ``custom_generate=loop`` unless the caller passes its own
+    (``custom_generate=None`` restores transformers' loop for one call) or a streamer, an
+    assistant model or synced GPUs: transformers 5.17 hands a callable ``custom_generate`` only
+    the keywords its signature adds to ``_sample``'s (``_extract_generation_mode_kwargs``), so
+    a streamer would be dropped silently; those calls keep transformers' loop."""
+    import functools
+
+    plain = model.generate
+
+    @functools.wraps(plain)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if not any(kwargs.get(k) is not None for k in ("streamer", "assistant_model", "synced_gpus", "prompt_lookup_num_tokens")):
+            kwargs.setdefault("custom_generate", loop)
+        return plain(*args, **kwargs)
+
+    model.generate = generate
 
 
 def hub_id(name: str, *, org_required: bool = False) -> None:

@@ -24,15 +24,30 @@ DTYPES = ("bfloat16", "float16", "float32")
 LONG_PROMPT = 1024
 
 
+# torchao weight-only (and float8) quantization as candidates: TorchAoConfig.to_dict's JSON form
+# (torchao 0.18's config_to_dict; the omitted fields take the class defaults in config_from_dict)
+TORCHAO_KINDS = {
+    "torchao-int8wo": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {}},
+    # the tinygemm layout: torch's own _weight_int4pack_mm kernel, no extra native package (bfloat16 only)
+    "torchao-int4wo": {"_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"}},
+    "torchao-float8dq": {"_type": "Float8DynamicActivationFloat8WeightConfig", "_version": 2,
+                         "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {}}}},
+}
+
+
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
-                     quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None) -> dict[str, Any]:
-    """A candidate as a config dict (the contract's three parts)."""
+                     quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None,
+                     loop: str | None = None, compile_mode: str | None = None) -> dict[str, Any]:
+    """A candidate as a config dict (the contract's three parts). ``loop``: runtime.decode_loop;
+    ``compile_mode``: generate.compile_config.mode (None: transformers' default)."""
     fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if device_map is not None:
         fp["device_map"] = device_map
     if max_memory:
         fp["max_memory"] = max_memory
-    if quant:
+    if quant in TORCHAO_KINDS:
+        fp["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS[quant]}}
+    elif quant:
         q: dict[str, Any] = {"quant_method": "bitsandbytes"}
         if quant == "bnb-8bit":
             q["load_in_8bit"] = True
@@ -43,7 +58,12 @@ def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache
     if cache:
         gen["cache_implementation"] = cache
         gen["disable_compile"] = not compile_
-    return {"from_pretrained": fp, "generate": gen, "runtime": {"sdpa_backend": backend}}
+        if compile_ and compile_mode:
+            gen["compile_config"] = {"mode": compile_mode}
+    rt: dict[str, Any] = {"sdpa_backend": backend}
+    if loop:
+        rt["decode_loop"] = loop
+    return {"from_pretrained": fp, "generate": gen, "runtime": rt}
 
 
 def label_of(cfg: dict[str, Any]) -> str:
@@ -56,6 +76,8 @@ def simplicity(c: Candidate) -> int:
     s += 10 if c.quantization not in (None, "none") else 0
     s += 2 if c.sdpa_backend else 0
     s += (1 if c.compile else 3) if c.cache_implementation else 0
+    s += 1 if c.compile_mode not in (None, "reduce-overhead") else 0  # a longer compile
+    s += 1 if c.decode_loop else 0  # autotune's code in the user's generate
     return s + placement_cost(c)
 
 
@@ -145,7 +167,8 @@ def attention_options(device: str, workload: Workload, fixed: dict[str, str], no
 
 
 def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
-    """Every unquantized single-device candidate: dtype x attention (x SDPA backend) x cache/compile.
+    """Every unquantized single-device candidate: dtype x attention (x SDPA backend) x cache/compile
+    (x compile mode x decode loop where it compiles).
     The exhaustive oracle measures all of it; the search measures a part chosen by regime."""
     fixed = fixed or {}
     dtypes = [fixed["dtype"]] if "dtype" in fixed else list(DTYPES)
@@ -156,6 +179,14 @@ def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str]
         for attn, backend in attention_options(device, workload, fixed):
             for cache, comp in caches:
                 yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp)
+                if cache and comp and device == "cuda":  # what compiling adds: the decode loop, the compile modes
+                    for mode, loop in COMPILE_VARIANTS:
+                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode)
+
+
+# A compiled static cache's variants beyond transformers' default (CompileConfig mode reduce-overhead,
+# its own loop): autotune's sync-free loop, and max-autotune compiles (GEMM autotuning, longer compiles)
+COMPILE_VARIANTS: tuple[tuple[str | None, str | None], ...] = ((None, "sync-free"), ("max-autotune", None), ("max-autotune", "sync-free"))
 
 
 class Space:
@@ -247,8 +278,9 @@ class Space:
         return out
 
     def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
-             compile_: bool = True, quant: str | None = None) -> Trial:
-        base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None)
+             compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None) -> Trial:
+        base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None,
+                                loop=loop, compile_mode=compile_mode)
         return self.place(stage, base)
 
     def place(self, stage: str, cfg: dict[str, Any]) -> Trial:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import apply_runtime, compile_kwargs, from_pretrained_kwargs, model_class_of, reset_runtime
+from .config import apply_runtime, compile_kwargs, decode_loop_of, from_pretrained_kwargs, generate_kwargs, model_class_of, reset_runtime
 
 
 def _sync(torch: Any) -> None:
@@ -442,20 +442,34 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     _sync(torch)
     load_s = time.perf_counter() - t0
     ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
-    gen = dict(cfg.get("generate") or {})
+    gen = generate_kwargs(cfg)  # a compile_config becomes transformers' CompileConfig
     n_new = w["new_tokens"]
     base = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0, **gen)
+    loop = decode_loop_of(cfg)
 
     def generate(**extra: Any) -> tuple[Any, list[float], float]:
-        clock = _StepClock(torch)
+        """One timed generate: (sequences, when each new token was ready, start). With the
+        sync-free loop only the first token's time and the end are taken (a clock on every token
+        would put back the host sync the loop removes)."""
         kw = {**base, **extra}
-        kw["stopping_criteria"] = kw.get("stopping_criteria", []) + [clock]
+        times: list[float] = []
+        if loop is not None:
+            def first() -> None:
+                _sync(torch)
+                times.append(time.perf_counter())
+            kw.update(custom_generate=loop, first_token_hook=first)
+        else:
+            clock = _StepClock(torch)
+            kw["stopping_criteria"] = kw.get("stopping_criteria", []) + [clock]
+            times = clock.times
         _sync(torch)
         start = time.perf_counter()
         with torch.inference_mode():
             seq = model.generate(ids, **kw)
         _sync(torch)
-        return seq, clock.times, start
+        if loop is not None:
+            times.append(time.perf_counter())
+        return seq, times, start
 
     if spec.get("capacity"):
         return _capacity_check(torch, model, vocab, base, w, spec, device)
@@ -467,11 +481,17 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     # compiled static cache this call compiles and a second one settles the decode graph.
     fixed_shapes = gen.get("cache_implementation") in ("static", "offloaded_static")
     compiled = cuda and fixed_shapes and not gen.get("disable_compile")
+    from . import decode
+
+    fell = decode.stats["fallbacks"]
     t1 = time.perf_counter()
     generate()
     first_s = time.perf_counter() - t1
     if compiled:
         generate()
+    if loop is not None:
+        if decode.stats["fallbacks"] > fell:
+            raise RuntimeError(f"the sync-free decode loop fell back to transformers' own loop: {decode.stats.get('last_fallback')}")
     _hold(spec)
     graphs_before = _dynamo_graphs(torch)
 
@@ -492,7 +512,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                 raise RuntimeError(f"generated {produced} tokens, expected {n_new} (min_new_tokens not honoured)")
             ttft = times[0] - start
             total = times[-1] - start
-            itl = [b - a for a, b in zip(times, times[1:])]
+            itl = [b - a for a, b in zip(times, times[1:])] if loop is None else []  # per token only where each is clocked
             decode = (w["batch_size"] * (n_new - 1) / (times[-1] - times[0])) if n_new > 1 else float("nan")
             runs.append({"ttft_s": ttft, "total_s": total, "decode_tok_s": decode, "itl_s": itl})
     recompiled = _dynamo_graphs(torch) - graphs_before
@@ -516,6 +536,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     res["gpu_state"] = gpu_state() if cuda and rank == 0 else None
     if not cuda:
         res["contention"] = cpu_contention()
+    if loop is not None:
+        res["decode_loop"] = _loop_check(torch, model, ids, base, seq)
     res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -531,6 +553,22 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         _save_logits(torch, logits, out / "logits.pt")
     res["logits_finite"] = _finite(torch, logits)
     return res
+
+
+def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any) -> dict[str, Any]:
+    """The sync-free loop's greedy tokens (its last timed run) against transformers' own loop on
+    the same model, uncompiled (not timed): equal, or how many leading tokens agree in every row."""
+    from . import decode
+
+    with torch.inference_mode():
+        ref = model.generate(ids, **{**base, "disable_compile": True}, custom_generate=None)
+    n = ids.shape[1]
+    a, b = seq[:, n:].cpu(), ref[:, n:].cpu()
+    width = min(a.shape[1], b.shape[1])
+    diff = (a[:, :width] != b[:, :width]).any(dim=0).nonzero()
+    agree = int(diff[0]) if len(diff) else width
+    return {"name": decode.NAME, "runs": decode.stats["runs"], "tokens_equal": bool(a.shape == b.shape and torch.equal(a, b)),
+            "agree_tokens": agree, "of": int(max(a.shape[1], b.shape[1])), "against": "transformers' generate, uncompiled, same weights"}
 
 
 def encoder_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> dict[str, Any]:

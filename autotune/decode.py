@@ -1,0 +1,256 @@
+"""A decode loop without a host sync per token, through transformers' ``custom_generate`` hook.
+
+transformers 5.17's ``generate`` (``GenerationMixin._sample``) compiles only the model's
+forward; logits processing, token selection, the ``input_ids`` concatenation and the stopping
+criteria run eagerly, and ``StopCheck`` turns ``unfinished_sequences.max() == 0`` into a Python
+bool after every token, so the host waits for the GPU each step (its ``DeferredStopCheck`` is
+enabled on ``mps`` only: ``DeferredStopCheck.is_supported``, generation/utils.py).
+
+:func:`generate` is a decoding method with ``_sample``'s signature. ``generate`` prepares
+everything as usual (generation config, logits processors, stopping criteria, the static
+cache, the prefill's inputs) and then calls it::
+
+    from autotune import decode
+    out = model.generate(ids, attention_mask=mask, cache_implementation="static",
+                         do_sample=False, max_new_tokens=128, custom_generate=decode.generate)
+
+After transformers' own prefill, each decode step is one function — the forward, the attention
+mask built from the cache's device-side position, the logits processing (minimum length,
+temperature, top-k, top-p), the token choice, the padding of finished rows and the EOS check —
+compiled as one graph on CUDA (``torch.compile`` with the generation config's
+``compile_config``: CUDA graphs under its default ``reduce-overhead`` mode). The host only
+queues steps; it looks at whether every row has finished once every ``check_every`` tokens and
+trims the steps past the end, so for greedy decoding the tokens are those ``_sample`` returns.
+Sampling draws with the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``), which has
+multinomial's distribution but not its random stream.
+
+What it does not handle — a streamer, beam search, ``return_dict_in_generate``, synced GPUs, a
+cache that is not a ``StaticCache``, a logits processor or stopping criterion other than those
+above — goes to ``_sample`` unchanged (the reason is logged once), so the hook never changes
+what a call means.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("autotune.decode")
+
+NAME = "sync-free"  # the config dict's runtime.decode_loop value
+CHECK_EVERY = 32  # tokens between looks at whether every row has finished
+_warned: set[str] = set()
+# how often the loop ran and fell back to transformers' own, in this process (the worker reports it)
+stats = {"runs": 0, "fallbacks": 0}
+_compiled: dict[Any, Callable[..., Any]] = {}
+
+
+def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any, synced_gpus: bool,
+          streamer: Any, model_kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """What the loop must do, read off transformers' own processors and criteria, or why it
+    cannot (then ``_sample`` runs)."""
+    from transformers.generation import logits_process as lp
+    from transformers.generation import stopping_criteria as sc
+
+    if streamer is not None:
+        return None, "a streamer needs each token on the host as it is made"
+    if synced_gpus:
+        return None, "synced GPUs (DeepSpeed ZeRO-3 / FSDP)"
+    if generation_config.return_dict_in_generate:
+        return None, "return_dict_in_generate"
+    if getattr(generation_config, "is_assistant", False) or model.config.is_encoder_decoder:
+        return None, "an assistant or encoder-decoder model"
+    if not hasattr(model, "_prefill") or not hasattr(model, "_update_model_kwargs_for_generation"):
+        return None, "this transformers has no GenerationMixin._prefill"
+    plan: dict[str, Any] = {"do_sample": bool(generation_config.do_sample), "min_length": 0, "eos_min": None,
+                            "temperature": None, "top_k": None, "top_p": None, "min_tokens_to_keep": 1}
+    for p in logits_processor:
+        if isinstance(p, lp.MinNewTokensLengthLogitsProcessor):
+            plan["min_length"] = max(plan["min_length"], p.prompt_length_to_skip + p.min_new_tokens)
+            plan["eos_min"] = p.eos_token_id
+        elif isinstance(p, lp.MinLengthLogitsProcessor):
+            plan["min_length"] = max(plan["min_length"], p.min_length)
+            plan["eos_min"] = p.eos_token_id
+        elif isinstance(p, lp.TemperatureLogitsWarper):
+            plan["temperature"] = float(p.temperature)
+        elif isinstance(p, lp.TopKLogitsWarper):
+            plan["top_k"] = int(p.top_k)
+            plan["min_tokens_to_keep"] = max(plan["min_tokens_to_keep"], 1)
+        elif isinstance(p, lp.TopPLogitsWarper):
+            plan["top_p"] = float(p.top_p)
+            plan["min_tokens_to_keep"] = max(plan["min_tokens_to_keep"], int(p.min_tokens_to_keep))
+        else:
+            return None, f"logits processor {type(p).__name__}"
+    max_length = None
+    eos = None
+    for c in stopping_criteria:
+        if isinstance(c, sc.MaxLengthCriteria):
+            max_length = c.max_length if max_length is None else min(max_length, c.max_length)
+        elif isinstance(c, sc.EosTokenCriteria):
+            eos = c.eos_token_id
+        else:
+            return None, f"stopping criterion {type(c).__name__}"
+    if max_length is None:
+        return None, "no maximum length"
+    plan["max_length"], plan["eos"] = max_length, eos
+    cache = model_kwargs.get("past_key_values")
+    from transformers.cache_utils import StaticCache
+
+    if cache is not None and not isinstance(cache, StaticCache):
+        return None, f"a {type(cache).__name__} (the loop needs a static cache: cache_implementation=\"static\")"
+    if cache is not None and getattr(cache, "_is_user_defined", False):
+        return None, "a cache passed by the caller (it is returned, and the loop runs past the end)"
+    if cache is None:
+        return None, "no cache (cache_implementation=\"static\" is needed)"
+    if model_kwargs.get("inputs_embeds") is not None:
+        return None, "inputs_embeds"
+    return plan, None
+
+
+def _choose(torch: Any, logits: Any, suppress: Any, plan: dict[str, Any]) -> Any:
+    """The next token from float32 logits, as ``_sample``'s processors and choice would make it:
+    EOS suppressed below the minimum length (``suppress``: a bool tensor, no recompile when it
+    flips), then temperature, top-k and top-p, then argmax or a sample."""
+    if plan["eos_min"] is not None:
+        eos_cols = torch.isin(torch.arange(logits.shape[-1], device=logits.device), torch.as_tensor(plan["eos_min"], device=logits.device))
+        logits = torch.where(suppress & eos_cols, torch.full_like(logits, float("-inf")), logits)
+    if not plan["do_sample"]:
+        return torch.argmax(logits, dim=-1)
+    if plan["temperature"] is not None:
+        logits = logits / plan["temperature"]
+    if plan["top_k"] is not None:
+        k = min(max(plan["top_k"], plan["min_tokens_to_keep"]), logits.shape[-1])
+        kth = torch.topk(logits, k)[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if plan["top_p"] is not None:
+        # TopPLogitsWarper: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p
+        srt, idx = torch.sort(logits, descending=False)
+        cum = srt.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - plan["top_p"])
+        drop[..., -plan["min_tokens_to_keep"]:] = False
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: Any, suppress: Any, pad: Any,
+          eos: Any, plan: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """One decode step: forward of the last token, choice, padding of finished rows, EOS check."""
+    import torch
+    from transformers.masking_utils import create_masks_for_generate
+
+    make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
+    b = tok.shape[0]
+    mask = make_mask(config=model.config, inputs_embeds=torch.empty((b, 1, 0), dtype=model.dtype, device=tok.device),
+                     attention_mask=mask2d, past_key_values=cache, position_ids=pos, is_first_iteration=False)
+    out = model(input_ids=tok[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, return_dict=True)
+    logits = out.logits[:, -1].to(dtype=torch.float32)
+    nxt = _choose(torch, logits, suppress, plan)
+    if eos is not None:
+        nxt = torch.where(unfinished, nxt, pad)
+        unfinished = unfinished & ~torch.isin(nxt, eos)
+    return nxt, pos + 1, unfinished
+
+
+def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any) -> Callable[..., Any]:
+    """The step, compiled as one graph on CUDA with the generation config's CompileConfig
+    (transformers' own defaults: mode reduce-overhead, dynamic False); eager elsewhere."""
+    if device.type != "cuda" or generation_config.disable_compile:
+        return _step
+    import torch
+
+    cc = generation_config.compile_config
+    opts = cc.to_dict() if cc is not None else {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead", "options": None}
+    opts = {k: v for k, v in opts.items() if k in ("fullgraph", "dynamic", "backend", "mode", "options")}
+    if opts.get("options"):
+        opts.pop("mode", None)  # torch.compile takes one of mode / options
+    if opts.get("dynamic") is None:
+        opts["dynamic"] = False
+    key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), tuple(sorted((k, str(v)) for k, v in plan.items())))
+    fn = _compiled.get(key)
+    if fn is None:
+        fn = _compiled[key] = torch.compile(_step, **opts)
+    return fn
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("autotune's sync-free decode loop not used (%s): transformers' own loop runs", reason)
+
+
+def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any,
+             synced_gpus: bool = False, streamer: Any = None, first_token_hook: Callable[[], None] | None = None,
+             check_every: int | None = None, **model_kwargs: Any) -> Any:
+    """``GenerationMixin._sample``'s contract without a host sync per token (see the module's
+    docstring). ``first_token_hook`` is called once the first new token is queued (a benchmark
+    synchronises there to take the time to first token); ``check_every``: tokens between looks
+    at whether every row has finished (default :data:`CHECK_EVERY`)."""
+    import torch
+    from transformers import GenerationMixin
+
+    plan, why = _plan(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs)
+    if plan is None:
+        stats["fallbacks"] += 1
+        stats["last_fallback"] = why
+        _warn_once(why or "unsupported")
+        return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                       synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    stats["runs"] += 1
+    device = input_ids.device
+    b, start = input_ids.shape
+    n_new = plan["max_length"] - start
+    if n_new <= 0:
+        return input_ids
+    pad = generation_config._pad_token_tensor
+    eos = plan["eos"]
+    if eos is not None:
+        eos = eos.to(device)
+        pad = (pad if pad is not None else eos[:1]).to(device).reshape(())
+    # the prefill, exactly as _sample runs it (uncompiled; it fills the static cache)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    cache = model_kwargs["past_key_values"]
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    del outputs
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
+    if eos is not None:
+        unfinished = unfinished & ~torch.isin(tok, eos)
+    toks = [tok]
+    if first_token_hook is not None:
+        first_token_hook()
+    # the 2D mask over the whole static cache: the prompt's, then ones (the causal part of the
+    # mask, from the cache's own position, hides what is not written yet)
+    mask2d = model_kwargs.get("attention_mask")
+    max_len = cache.get_max_length() if hasattr(cache, "get_max_length") else cache.max_cache_len
+    full = torch.ones(b, max_len, dtype=torch.long, device=device)
+    if mask2d is not None:
+        full[:, :mask2d.shape[1]] = mask2d
+    pos = model_kwargs.get("position_ids")
+    pos = pos[:, -1:].clone() if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
+    step = _step_fn(model, plan, generation_config, device)
+    every = max(1, int(check_every or CHECK_EVERY))
+    cudagraphs = device.type == "cuda"
+    no = torch.tensor(False, device=device)
+    yes = torch.tensor(True, device=device)
+    for i in range(1, n_new):
+        length = start + i  # tokens before this step's; the minimum length is known on the host
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        tok, pos, unfinished = step(model, cache, tok, pos, full, unfinished, yes if length < plan["min_length"] else no, pad, eos, plan)
+        if cudagraphs:  # a replay's outputs are overwritten by the next one
+            tok, pos, unfinished = tok.clone(), pos.clone(), unfinished.clone()
+        toks.append(tok)
+        if eos is not None and i % every == 0 and not bool(unfinished.any()):
+            break
+    new = torch.stack(toks, dim=1)
+    if eos is not None:
+        # _sample stops after the step at which every row has finished: each row's first EOS
+        hit = torch.isin(new, eos)
+        ended = hit.any(dim=1)
+        if bool(ended.all()):
+            first = torch.where(hit, torch.arange(new.shape[1], device=device), new.shape[1]).min(dim=1).values
+            new = new[:, : int(first.max()) + 1]
+    return torch.cat([input_ids, new], dim=1)

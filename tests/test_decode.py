@@ -1,0 +1,172 @@
+"""The sync-free decode loop (autotune/decode.py): the same tokens as transformers' generate for
+greedy decoding, its own fallbacks, and how the config dict, autotune.load and a candidate's
+process use it. On the CPU the step runs uncompiled; the compiled step is measured on the GPU
+(docs/PERFORMANCE.md, issue 12)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from autotune import decode  # noqa: E402
+from autotune.config import ConfigError, load, parse_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, bos_token_id=1, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(6, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as generation wants
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+# EOS ids that some rows produce early and others later: each row stops at a different step
+MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kw", [
+    {"max_new_tokens": 40},
+    {"max_new_tokens": 40, "min_new_tokens": 20},
+    {"max_new_tokens": 60, "eos_token_id": MANY_EOS},
+    {"max_new_tokens": 60, "eos_token_id": MANY_EOS, "min_new_tokens": 30},
+], ids=["length", "min-new-tokens", "eos", "eos-after-min"])
+@pytest.mark.parametrize("every", [1, 5, 1000])
+def test_greedy_tokens_equal_generate(model, batch, attn, kw, every):
+    ids, mask = batch
+    model.config._attn_implementation = attn
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, **kw)
+    plain = model.generate(ids, **common)
+    before = decode.stats["runs"]
+    fast = model.generate(ids, **common, custom_generate=decode.generate, check_every=every)
+    assert decode.stats["runs"] == before + 1  # the loop ran, it did not fall back
+    assert fast.shape == plain.shape
+    assert torch.equal(fast, plain)
+
+
+def test_the_eos_case_really_stops_early(model, batch):
+    ids, mask = batch
+    out = model.generate(ids, attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=60,
+                         eos_token_id=MANY_EOS, custom_generate=decode.generate)
+    assert out.shape[1] < ids.shape[1] + 60  # every row met an EOS: the length is the last row's first EOS
+    rows_hit = [any(int(t) in MANY_EOS for t in row[ids.shape[1]:]) for row in out]
+    assert all(rows_hit)
+
+
+def test_sampling_with_top_k_1_is_greedy(model, batch):
+    ids, mask = batch
+    common = dict(attention_mask=mask, cache_implementation="static", max_new_tokens=20)
+    greedy = model.generate(ids, do_sample=False, **common)
+    sampled = model.generate(ids, do_sample=True, top_k=1, temperature=0.7, **common, custom_generate=decode.generate)
+    assert torch.equal(sampled, greedy)
+
+
+def test_sampling_follows_the_distribution(model):
+    # one step from a fixed prompt, many rows: the sampled tokens' frequencies follow softmax(logits / T)
+    ids = torch.full((4000, 4), 42)
+    torch.manual_seed(3)
+    out = model.generate(ids, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, max_new_tokens=1, cache_implementation="static",
+                         custom_generate=decode.generate)
+    with torch.no_grad():
+        p = torch.softmax(model(ids[:1]).logits[0, -1] / 2.0, dim=-1)
+    top = int(p.argmax())
+    freq = (out[:, -1] == top).float().mean().item()
+    assert abs(freq - p[top].item()) < 4 * (p[top].item() * (1 - p[top].item()) / 4000) ** 0.5 + 1e-3
+
+
+def test_unsupported_calls_run_transformers_loop(model, batch):
+    ids, mask = batch
+    common = dict(attention_mask=mask, do_sample=False, max_new_tokens=8)
+    fell = decode.stats["fallbacks"]
+    dyn = model.generate(ids, **common, custom_generate=decode.generate)  # dynamic cache: not the loop's
+    assert decode.stats["fallbacks"] == fell + 1 and "static cache" in decode.stats["last_fallback"]
+    assert torch.equal(dyn, model.generate(ids, **common))
+    rep = model.generate(ids, **common, cache_implementation="static", repetition_penalty=1.3, custom_generate=decode.generate)
+    assert "RepetitionPenalty" in decode.stats["last_fallback"]
+    assert torch.equal(rep, model.generate(ids, **common, cache_implementation="static", repetition_penalty=1.3))
+
+
+class _Collect:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.got = []
+
+    def put(self, value):
+        self.got.append(value)
+
+    def end(self):
+        pass
+
+
+def test_config_names_the_loop_and_load_applies_it(tiny_llama, batch):
+    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
+           "generate": {"cache_implementation": "static"}, "runtime": {"decode_loop": "sync-free"}}
+    assert parse_config(cfg).decode_loop == "sync-free"
+    assert "sync-free-loop" in parse_config(cfg).label()
+    m = load(tiny_llama, cfg)
+    ids = torch.randint(3, 256, (2, 10))
+    runs = decode.stats["runs"]
+    out = m.generate(ids, do_sample=False, max_new_tokens=12)
+    assert decode.stats["runs"] == runs + 1
+    plain = m.generate(ids, do_sample=False, max_new_tokens=12, custom_generate=None)  # transformers' own, for one call
+    assert decode.stats["runs"] == runs + 1
+    assert torch.equal(out, plain)
+    # transformers hands a callable custom_generate no streamer (5.17): a call with one keeps its loop
+    streamer = _Collect()
+    m.generate(ids[:1], do_sample=False, max_new_tokens=4, streamer=streamer)
+    assert decode.stats["runs"] == runs + 1 and len(streamer.got) == 5  # the prompt, then each token
+    json.dumps(cfg)  # plain JSON
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"runtime": {"decode_loop": "fast"}}, "runtime.decode_loop: unknown loop 'fast'"),
+    ({"generate": {"compile_config": {"mode": "turbo"}}}, "generate.compile_config.mode: unknown mode 'turbo'"),
+    ({"generate": {"compile_config": {"speed": 1}}}, "generate.compile_config: expected an object of transformers' CompileConfig fields"),
+    ({"generate": {"compile_config": {"fullgraph": "yes"}}}, "generate.compile_config.fullgraph: expected true or false"),
+])
+def test_bad_loop_and_compile_config_are_one_line(bad, says):
+    cfg = {"from_pretrained": {"dtype": "bfloat16"}, **bad}
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)
+
+
+def test_compile_mode_is_in_the_label_and_reaches_compile_config(tiny_llama):
+    from autotune.config import generate_kwargs
+
+    cfg = {"from_pretrained": {"dtype": "bfloat16"}, "generate": {"cache_implementation": "static", "compile_config": {"mode": "max-autotune"}}}
+    assert parse_config(cfg).label() == "bfloat16 default-attn static-cache+compile(max-autotune)"
+    cc = generate_kwargs(cfg)["compile_config"]
+    assert type(cc).__name__ == "CompileConfig" and cc.mode == "max-autotune"
+
+
+def test_a_candidate_process_times_the_loop_and_checks_its_tokens(tiny_llama, tmp_path):
+    from autotune.worker import run_candidate
+
+    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
+           "generate": {"cache_implementation": "static", "disable_compile": True}, "runtime": {"decode_loop": "sync-free"}}
+    spec = {"model": str(tiny_llama), "label": "loop", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 2, "seed": 0,
+            "workload": {"batch_size": 2, "prompt_len": 16, "new_tokens": 12, "padding": True, "task": "generate"}}
+    res = run_candidate(spec, str(tmp_path))
+    assert res["status"] == "ok", res.get("error")
+    assert res["decode_tok_s"] > 0 and res["ttft_s"] > 0
+    assert "itl_p50_s" not in res  # tokens are not clocked one by one in the loop
+    assert res["decode_loop"]["tokens_equal"] is True and res["decode_loop"]["agree_tokens"] == 12
+    assert (tmp_path / "logits.pt").is_file()
