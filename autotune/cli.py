@@ -9,6 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import RuleFileError, UserError
+from .quality import QUALITY_TOLERANCE
 
 EXIT_INPUT = 2
 
@@ -74,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
     p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     p.add_argument("--quantization", choices=["auto", "always", "never"], default="auto",
-                   help="auto: only for --objective memory or when the model does not fit")
+                   help="bitsandbytes: with auto only for --objective memory or when the model does not fit; torchao weight-only "
+                        "(int8, int4, float8) of the compiled pick unless never")
+    p.add_argument("--quality-tolerance", type=float, default=QUALITY_TOLERANCE, metavar="KL",
+                   help=f"the mean KL (nats) to the unquantized model a torchao-quantized candidate may have and still be picked (default {QUALITY_TOLERANCE:g})")
+    p.add_argument("--decode-loop", choices=["auto", "sync-free", "transformers"], default="auto",
+                   help="compiled candidates decode with autotune's sync-free loop (auto) or only with transformers' own")
+    p.add_argument("--compile-modes", default="reduce-overhead", metavar="MODES",
+                   help="torch.compile modes to try on the compiled pick, comma-separated (default transformers' reduce-overhead; "
+                        "add max-autotune for GEMM autotuning, a longer compile)")
     p.add_argument("--min-throughput", type=float, default=0.0, metavar="TOK_S", help="with --objective memory: the floor in tokens/s")
     p.add_argument("--headroom", type=float, default=1.0, metavar="GIB",
                    help="GiB kept free on each GPU beyond the estimate when max_memory is derived for a device_map split (default 1)")
@@ -287,7 +296,8 @@ def _tune(args: argparse.Namespace) -> int:
                       quantization=args.quantization, min_throughput=args.min_throughput, use_cache=not args.no_cache, reps=args.reps,
                       candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
                       attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
-                      trust_remote_code=args.trust_remote_code, wait=args.wait, seq_len=args.seq_len,
+                      trust_remote_code=args.trust_remote_code, wait=args.wait, seq_len=args.seq_len, decode_loop=args.decode_loop,
+                      compile_modes=args.compile_modes, quality_tolerance=args.quality_tolerance,
                       say=lambda msg: print(f"autotune: {msg}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:

@@ -46,6 +46,7 @@ PACKAGES = (
     "accelerate",
     "optimum",
     "bitsandbytes",
+    "torchao",
     "flash-attn",
     "flash-attn-3",
     "flash-attn-4",

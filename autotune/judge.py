@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from .quality import HALF_REFERENCE_FLOOR, compare, verdict
+from .quality import HALF_REFERENCE_FLOOR, QUALITY_TOLERANCE, compare, verdict
 from .trial import STATUS_OK, Trial
 
 OBJECTIVES = ("throughput", "latency", "memory")
@@ -42,6 +42,12 @@ def quantized(t: Trial) -> bool:
     return "quantization_config" in t.config["from_pretrained"]
 
 
+def lossy_option(t: Trial) -> bool:
+    """A quantization chosen for speed (torchao), held to the quality tolerance, not only to sanity."""
+    q = t.config["from_pretrained"].get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "torchao"
+
+
 def logits_of(t: Trial) -> Any:
     """The candidate's own logits (its last good run), else those its screen recorded."""
     from .quality import load_logits
@@ -61,12 +67,17 @@ def logits_of(t: Trial) -> Any:
 
 class Judge:
     def __init__(self, objective: str = "throughput", min_throughput: float = 0.0, notes: list[str] | None = None, *,
-                 speed: str = "decode_tok_s") -> None:
-        """``speed``: the measured rate the objective reads (an encoder's ``seq_s``)."""
-        if objective not in OBJECTIVES:
-            from .errors import UserError
+                 speed: str = "decode_tok_s", quality_tolerance: float = QUALITY_TOLERANCE) -> None:
+        """``speed``: the measured rate the objective reads (an encoder's ``seq_s``).
+        ``quality_tolerance``: the mean KL (nats) to the unquantized reference a speed-chosen
+        quantization (torchao) may have and still be picked."""
+        from .errors import UserError
 
+        if objective not in OBJECTIVES:
             raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if not quality_tolerance >= 0:
+            raise UserError(f"quality tolerance must be a KL divergence >= 0 nats, found {quality_tolerance}")
+        self.quality_tolerance = quality_tolerance
         self.objective = objective
         self.speed = speed
         self.min_throughput = min_throughput
@@ -112,8 +123,14 @@ class Judge:
         the H100: bf16 eager KL 0.010 against a floor set by fp16's 1.3e-4). Returns the lowest floor."""
         have = [(t, lg) for t in trials if (t.status == STATUS_OK or t.screen.get("status") == STATUS_OK)
                 for lg in [logits_of(t)] if lg is not None]
-        if not have:
-            return None
+        try:
+            return self._check_quality(have) if have else None
+        finally:  # a lossy option is picked only on evidence
+            for t in trials:
+                if lossy_option(t) and t.status == STATUS_OK and "kl" not in t.quality:
+                    t.status, t.reason = "lossy", "its quality could not be compared with an unquantized reference (no logits)"
+
+    def _check_quality(self, have: list[tuple[Trial, Any]]) -> Any:
 
         def precision(item: tuple[Trial, Any]) -> tuple[int, int, int]:
             t = item[0]
@@ -146,6 +163,13 @@ class Judge:
             t.quality = {"kl": m["kl"], "top1": m["top1"], "reference": ref.label, "floor": floor}
             if not good and t.status == STATUS_OK:
                 t.status, t.reason = "wrong", why
+            elif lossy_option(t) and t.status == STATUS_OK:
+                t.quality["tolerance"] = self.quality_tolerance
+                if quantized(ref):
+                    t.status, t.reason = "lossy", "no unquantized reference ran to hold its quality to"
+                elif m["kl"] > self.quality_tolerance:
+                    t.status, t.reason = "lossy", (f"quality: KL {m['kl']:.3g} nats to {ref.label} (top-1 agreement {m['top1']:.0%}) is above the "
+                                                   f"tolerance {self.quality_tolerance:g} (--quality-tolerance)")
         return lowest
 
     # ---- compile

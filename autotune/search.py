@@ -16,8 +16,14 @@ pick will run in:
 * **eager** (the CPU, ``--cache dynamic``, the memory objective, or nothing compiled): staged
   as before — attention at the preferred dtype, then dtype, then the static cache uncompiled.
 
-Then quantization (memory objective, ``--quantization always``, or nothing fits), placements
-on several GPUs, and the two best re-measured head to head when they are close.
+In the compiled regime the finalists decode with autotune's sync-free loop (``autotune.decode``:
+no host sync per token, so the GPU's own time per step is the speed the screen ranks by), and
+the screen leader also with transformers' own loop, so the loop has to win its place; other
+compile modes (``--compile-modes``) are then tried on the leader, and torchao's weight-only
+quantization of it (int8, int4, float8 where the GPU has it) within the quality tolerance.
+
+Then bitsandbytes quantization (memory objective, ``--quantization always``, or nothing fits),
+placements on several GPUs, and the two best re-measured head to head when they are close.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
 from .memory import BYTES
-from .space import DTYPES, Space, attention_options, regime
+from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
 
 # A stage of the eager search carries forward the simplest option within this fraction of the
@@ -47,15 +53,24 @@ SCREEN_BLIND = frozenset({"flex_attention"})
 # Head to head: a leader is decisive when its interval clears the other's by 3x the spread and
 # it leads by this factor (dynamic-cache runs move +-20 % between processes, compiled ones ~10 %).
 DECISIVE = {"eager": 1.25, "compiled": 1.10}
+DECODE_LOOPS = ("auto", "transformers", "sync-free")
 
 
 class Search:
     def __init__(self, space: Space, bench: Bench, judge: Judge, *, quantization: str = "auto", finalist_rounds: int = 2,
-                 notes: list[str] | None = None) -> None:
-        if quantization not in ("auto", "always", "never"):
-            from .errors import UserError
+                 notes: list[str] | None = None, decode_loop: str = "auto", compile_modes: Sequence[str] = ("reduce-overhead",)) -> None:
+        from .config import COMPILE_MODES
+        from .errors import UserError
 
+        if quantization not in ("auto", "always", "never"):
             raise UserError("quantization must be auto, always or never")
+        if decode_loop not in DECODE_LOOPS:
+            raise UserError(f"decode loop must be one of {', '.join(DECODE_LOOPS)}")
+        bad = [m for m in compile_modes if m not in COMPILE_MODES]
+        if bad or not compile_modes:
+            raise UserError(f"unknown compile mode {bad[0] if bad else ''!r}; use one or more of {', '.join(COMPILE_MODES)}")
+        self.decode_loop = decode_loop
+        self.compile_modes = tuple(compile_modes)
         self.space, self.bench, self.judge = space, bench, judge
         self.quantization = quantization
         self.finalist_rounds = finalist_rounds
@@ -78,7 +93,10 @@ class Search:
     def run(self) -> None:
         baseline = self.make_baseline()
         if self.compiled_applies():
-            if not self.compiled_search(baseline):
+            if self.compiled_search(baseline):
+                self.compile_variants()
+                self.weight_quantization()
+            else:
                 self.bench.cancel(self.spares)
                 self.notes.append("no compiled candidate ran: dtype and attention chosen on dynamic-cache runs instead")
                 self.eager_search(baseline, static_uncompiled=True)
@@ -93,11 +111,25 @@ class Search:
         self.bench.cancel(self.spares)  # held for a head-to-head that did not need them
 
     # ---- the compiled regime
+    def loop(self) -> str | None:
+        """The decode loop compiled candidates use: autotune's sync-free one unless told otherwise."""
+        return None if self.decode_loop == "transformers" else "sync-free"
+
+    def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None) -> Trial:
+        """``t`` with another decode loop, compile mode or torchao quantization, placed anew."""
+        fp = t.config["from_pretrained"]
+        rt, gen = t.config["runtime"], t.config["generate"]
+        return self.space.make(stage, fp["dtype"] if not quant else "bfloat16", fp.get("attn_implementation") or "sdpa",
+                               backend=rt.get("sdpa_backend"), cache=gen.get("cache_implementation"), compile_=not gen.get("disable_compile"),
+                               quant=quant, loop=rt.get("decode_loop") if loop == "same" else loop,
+                               compile_mode=(gen.get("compile_config") or {}).get("mode") if mode == "same" else mode)
+
     def compiled_search(self, baseline: Trial) -> bool:
         sp, bench = self.space, self.bench
         dtypes = [self.fixed["dtype"]] if "dtype" in self.fixed else list(DTYPES)
         options = attention_options(sp.device, sp.workload, self.fixed, self.notes)
-        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True) for d in dtypes for a, b in options]
+        loop = self.loop()
+        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop) for d in dtypes for a, b in options]
         bench.add([baseline])
         cands = bench.add(cands)
         live = [t for t in cands if t.status != "dropped"]
@@ -160,6 +192,12 @@ class Search:
                 t.status, t.reason = "not measured", "not compiled: no screen measurement, and the roofline prior (bytes per weight) ranks it lower"
             if len(live) > 1:
                 self.notes.append("screen failed: compiled candidates chosen by bytes per weight instead")
+        if loop and queue:
+            # the leader with transformers' own loop as well: the sync-free loop has to win its place
+            # (and a model it cannot run still has a compiled candidate)
+            own = self.variant("compiled", queue[0], loop=None)
+            if own.label not in {t.label for t in bench.trials}:
+                queue.append(*bench.add([own]))
         # every finalist compiles before anything is timed: beside the others where they fit
         # together, ahead of the screen where it was the prior's pick
         bench.cancel(ahead, keep=[t.label for t in queue])
@@ -188,6 +226,56 @@ class Search:
             queue.append(nxt)
             bench.measure(nxt)
         return any(t.status == STATUS_OK for t in queue)
+
+    def compiled_leader(self) -> Trial | None:
+        return self.judge.best([t for t in self.bench.trials if t.status == STATUS_OK and t.stage in ("compiled", "compile mode")
+                                and regime(t.config, self.space.device) == "compiled"])
+
+    def compile_variants(self) -> None:
+        """The compiled leader under the other compile modes asked for (``--compile-modes``):
+        max-autotune tries GEMM configurations while compiling, which takes longer."""
+        lead = self.compiled_leader()
+        others = [m for m in self.compile_modes if m != "reduce-overhead"]
+        if lead is None or not others:
+            if lead is not None:
+                self.notes.append("other compile modes not measured (transformers' default, reduce-overhead, only; --compile-modes "
+                                  "reduce-overhead,max-autotune measures max-autotune too)")
+            return
+        trials = self.bench.add([self.variant("compile mode", lead, mode=m) for m in others])
+        self.launch_and_measure(trials)
+
+    def weight_quantization(self) -> None:
+        """torchao weight-only quantization (int8, int4) and float8 of the compiled leader, as
+        throughput candidates: fewer weight bytes per token, still compiled. Only bfloat16 (int4's
+        tinygemm layout needs it); the rules drop what this machine cannot run (no torchao, a GPU
+        without float8 or int4 kernels); the judge keeps only those within the quality tolerance."""
+        if self.quantization == "never":
+            self.notes.append("torchao weight-only quantization not measured (--quantization never)")
+            return
+        lead = self.compiled_leader()
+        if lead is None:
+            return
+        trials = self.bench.add([self.variant("weight quantization", lead, quant=q) for q in TORCHAO_KINDS])
+        self.launch_and_measure(trials)
+
+    def launch_and_measure(self, trials: list[Trial]) -> None:
+        """Compile ``trials`` side by side where they fit together (beside nothing else: the held
+        head-to-head processes are ended first when they do not fit), then time each alone."""
+        live = [t for t in trials if t.status == "planned"]
+        if not live:
+            return
+        launched = {}
+        if len(live) > 1:
+            if not self.overlap_fits(live + self.held_spares()):
+                self.bench.cancel(self.spares)
+            if self.overlap_fits(live + self.held_spares()):
+                launched = self.bench.launch(live)
+        self.bench.warm(launched)
+        for t in live:
+            self.bench.measure(t, launched.get(t.label))
+
+    def held_spares(self) -> list[Trial]:
+        return [t for t in self.bench.trials if t.label in self.spares]
 
     # ---- the eager regime
     def eager_search(self, baseline: Trial, *, static_uncompiled: bool) -> None:

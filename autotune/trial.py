@@ -16,7 +16,7 @@ class Trial:
     stage: str
     config: dict[str, Any]
     simplicity: int = 0  # lower is simpler: no quantization, no extra package, no compile
-    status: str = "planned"  # planned / dropped / ok / wrong / error / crashed / timeout / not measured
+    status: str = "planned"  # planned / dropped / ok / wrong / lossy / error / crashed / timeout / not measured
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # the rules' errors that dropped it, the most fundamental first

@@ -32,6 +32,7 @@ from .judge import OBJECTIVES, Judge
 from .measure import Bench, OnBench
 from .model import ModelSpec, load_problems, read_model, require_loadable
 from .predict import predict
+from .quality import QUALITY_TOLERANCE
 from .search import STAGE_MARGIN, Search
 from .space import Space, finish_config, first_gpu_name, pinned_axes, preferred
 from .trial import STATUS_OK, Trial, bootstrap_ci, summary
@@ -101,13 +102,16 @@ class Tuner(OnBench):
         trust_remote_code: bool = False,
         check_capacity: bool = True,
         model: ModelSpec | None = None,
+        decode_loop: str = "auto",
+        compile_modes: tuple[str, ...] = ("reduce-overhead",),
+        quality_tolerance: float = QUALITY_TOLERANCE,
     ) -> None:
         """``model``: the already-read :class:`ModelSpec` of ``model_path`` (else it is read here).
         ``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt.
         ``fixed`` pins axes the caller has decided: {"dtype": ..., "attention": ..., "cache": "dynamic" | "static"}.
         ``headroom_gib``: per GPU, kept free beyond the estimate when max_memory is derived for a device_map split."""
         self.notes: list[str] = []
-        self.judge = Judge(objective, min_throughput, self.notes)
+        self.judge = Judge(objective, min_throughput, self.notes, quality_tolerance=quality_tolerance)
         self.path = str(model_path)
         self.model = model if model is not None else read_model(model_path)
         self.facts, self.workload, self.objective = facts, workload, objective
@@ -115,7 +119,8 @@ class Tuner(OnBench):
         self.space.trust_remote_code = trust_remote_code
         self.bench = Bench(self.path, workload, runner=runner, cache=cache, reps=reps, faults=faults, progress=progress,
                            candidate_timeout=candidate_timeout, time_budget=time_budget, max_memory=max_memory)
-        self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes)
+        self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes,
+                             decode_loop=decode_loop, compile_modes=compile_modes)
         self.check_capacity = check_capacity
 
     def run(self) -> TuneResult:
@@ -222,6 +227,9 @@ def tune(
     wait: float | None = 900.0,
     say: Callable[[str], None] | None = None,
     seq_len: int | None = None,
+    decode_loop: str = "auto",
+    compile_modes: str | tuple[str, ...] = ("reduce-overhead",),
+    quality_tolerance: float = QUALITY_TOLERANCE,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -237,6 +245,12 @@ def tune(
     ``batch_size`` sequences of ``seq_len`` tokens (default 128; ``prompt_len`` and
     ``new_tokens`` do not apply and are refused), see :mod:`autotune.encoder`. ``prompt_len`` and
     ``new_tokens`` default to 512 and 128.
+
+    On a GPU the compiled candidates decode with autotune's sync-free loop (``decode_loop``:
+    "auto" / "sync-free"; "transformers" keeps transformers' own loop), ``compile_modes`` (a
+    tuple, or a comma-separated string) adds torch.compile modes beyond transformers' default
+    reduce-overhead, and torchao weight-only quantization may be picked only within
+    ``quality_tolerance`` (mean KL to the unquantized reference, nats).
     """
     import math
 
@@ -256,6 +270,10 @@ def tune(
         raise UserError(f"wait (--wait) must be a number of seconds >= 0, found {wait!r}")
     if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
         raise UserError(f"seq_len must be a whole number >= 1, found {seq_len!r}")
+    if isinstance(compile_modes, str):
+        compile_modes = tuple(m.strip() for m in compile_modes.split(",") if m.strip())
+    if not isinstance(quality_tolerance, (int, float)) or isinstance(quality_tolerance, bool) or not math.isfinite(quality_tolerance) or quality_tolerance < 0:
+        raise UserError(f"quality_tolerance (--quality-tolerance) must be a KL divergence >= 0 nats, found {quality_tolerance!r}")
     if use_cache or model is None:
         usable_cache_dir()
     path = Path(model) if model is not None else default_model()
@@ -313,7 +331,7 @@ def tune(
                             else "no GPU is visible here") + " (CUDA ordinals, after CUDA_VISIBLE_DEVICES)")
         with MeasureLock(usable_cache_dir(), device, wait_s=wait, say=say) as lock:
             # the cache is read inside the lock: what another tune measured meanwhile is seen
-            cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}") if use_cache else None
+            cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}|{decode_loop}|{compile_modes}|{quality_tolerance}") if use_cache else None
             if own_runner and cache is not None:
                 runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
             tuner: Any
@@ -329,7 +347,8 @@ def tune(
                 tuner = Tuner(path, facts=here, workload=workload, objective=objective, time_budget=time_budget, quantization=quantization,
                               max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
                               progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
-                              check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code)
+                              check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code, decode_loop=decode_loop,
+                              compile_modes=tuple(compile_modes), quality_tolerance=quality_tolerance)
             tuner.start = t0 + lock.waited_s
             result = tuner.run()
             if cache is not None and result.pick is not None:

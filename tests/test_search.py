@@ -12,6 +12,7 @@ from autotune.config import Workload
 from autotune.judge import Judge
 from autotune.profiles import load_target
 from autotune.search import MAX_COMPILED, SCREEN_MARGIN
+from autotune.space import COMPILE_VARIANTS
 from autotune.trial import Trial
 from autotune.tuner import Tuner
 
@@ -37,17 +38,27 @@ def compiled(cfg: dict[str, Any]) -> bool:
     return gen.get("cache_implementation") == "static" and not gen.get("disable_compile")
 
 
+def looped(cfg: dict[str, Any]) -> bool:
+    return (cfg.get("runtime") or {}).get("decode_loop") == "sync-free"
+
+
+# the sync-free loop's gain over transformers' own loop in this fake (the H100's is in docs/PERFORMANCE.md)
+LOOP_GAIN = 1.25
+
+
 class RegimeRunner:
     """Answers like the H100 did: the two regimes rank dtypes in opposite orders. The screen
     (GPU time per decode step) follows the compiled regime, with some noise of its own."""
 
-    def __init__(self, screen_noise: dict[tuple[str, str], float] | None = None, fail: set[tuple[str, str]] | None = None):
+    def __init__(self, screen_noise: dict[tuple[str, str], float] | None = None, fail: set[tuple[str, str]] | None = None,
+                 loop_fails: bool = False):
         self.specs: list[dict[str, Any]] = []
         self.screen_noise = screen_noise or {}
         self.fail = fail or set()
+        self.loop_fails = loop_fails
 
     def speed(self, cfg: dict[str, Any]) -> float:
-        return (COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)]
+        return (COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)] * (LOOP_GAIN if looped(cfg) and compiled(cfg) else 1.0)
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         self.specs.append(spec)
@@ -59,6 +70,8 @@ class RegimeRunner:
             return {"label": spec["label"], "status": "ok", "capacity_checks": [{**s, "fits": True} for s in spec["capacity"]]}
         if compiled(spec["config"]) and key(spec["config"]) in self.fail:
             return {"label": spec["label"], "status": "error", "error": "BackendCompilerFailed: injected"}
+        if looped(spec["config"]) and self.loop_fails:
+            return {"label": spec["label"], "status": "error", "error": "RuntimeError: the sync-free decode loop fell back to transformers' own loop: injected"}
         v = self.speed(spec["config"])
         runs = [{"decode_tok_s": v * f, "ttft_s": 0.03, "total_s": 128 / v} for f in (0.995, 1.0, 1.005)]
         return {"label": spec["label"], "status": "ok", "runs": runs, "decode_tok_s": v, "load_s": 1.0, "compile_s": 30.0 if compiled(spec["config"]) else 0.0,
@@ -88,7 +101,35 @@ def test_pick_is_the_compiled_best_when_the_dynamic_regime_ranks_the_other_way(l
     fp32 = [t for t in r.trials if key(t.config)[0] == "float32" and t.status != "dropped"]
     assert fp32 and all(t.status == "not measured" and "screened out" in t.reason for t in fp32)
     compiled_runs = {s["label"] for s in measured if compiled(s["config"])}
-    assert 1 <= len(compiled_runs) <= MAX_COMPILED
+    # the finalists decode with the sync-free loop; the leader also with transformers' own
+    assert 1 <= len({lb for lb in compiled_runs if "sync-free" in lb}) <= MAX_COMPILED
+    assert [lb for lb in compiled_runs if "sync-free" not in lb] == ["bfloat16 sdpa static-cache+compile"]
+    assert looped(r.pick.config), "the loop ran faster, so it is the pick"
+
+
+def test_the_leader_with_transformers_loop_is_picked_when_the_loop_fails(llama):
+    r = tuned(llama, RegimeRunner(loop_fails=True))
+    assert r.pick is not None and compiled(r.pick.config) and not looped(r.pick.config)
+    assert key(r.pick.config) == ("bfloat16", "sdpa")
+    failed = [t for t in r.trials if looped(t.config) and t.results]
+    assert failed and all(t.status == "error" and "fell back" in t.reason for t in failed)
+
+
+def test_decode_loop_transformers_keeps_transformers_loop(llama):
+    runner = RegimeRunner()
+    r = tuned(llama, runner, decode_loop="transformers")
+    assert not any(looped(s["config"]) for s in runner.specs if not s.get("screen"))
+    assert not looped(r.pick.config) and compiled(r.pick.config)
+
+
+def test_compile_modes_are_tried_on_the_compiled_leader(llama):
+    runner = RegimeRunner()
+    r = tuned(llama, runner, compile_modes=("reduce-overhead", "max-autotune"))
+    tried_labels = {s["label"] for s in runner.specs if not s.get("screen") and (s["config"]["generate"].get("compile_config") or {}).get("mode") == "max-autotune"}
+    assert len(tried_labels) == 1, "only the leader"
+    tried = next(t for t in r.trials if t.stage == "compile mode")
+    assert key(tried.config) == ("bfloat16", "sdpa") and looped(tried.config) and "compile(max-autotune)" in tried.label
+    assert tuned(llama, RegimeRunner()).notes and any("other compile modes not measured" in n for n in tuned(llama, RegimeRunner()).notes)
 
 
 def test_the_old_staged_search_would_have_picked_fp32(llama):
@@ -150,7 +191,8 @@ def test_oracle_space_is_every_dtype_attention_and_cache(llama):
     h100 = load_target("h100-80gb")
     ts = oracle.candidates(str(llama), h100, WORKLOAD)
     live = [t for t in ts if t.status != "dropped"]
-    assert len(live) == 3 * 2 * 3, [t.label for t in live]  # 3 dtypes x (sdpa, eager) x (dynamic, static, static+compile)
+    # 3 dtypes x (sdpa, eager) x (dynamic, static, static+compile, and compiled: sync-free loop, max-autotune, both)
+    assert len(live) == 3 * 2 * (3 + len(COMPILE_VARIANTS)), [t.label for t in live]
     assert {t.status for t in ts if "flash_attention" in t.label} == {"dropped"}, "no flash-attn in the profile's stack"
     long = oracle.candidates(str(llama), h100, Workload(batch_size=1, prompt_len=4096, new_tokens=128))
     assert any(t.config["runtime"].get("sdpa_backend") == "cudnn" for t in long if t.status != "dropped"), "SDPA backends at long prompts"
@@ -238,7 +280,7 @@ def test_oracle_screen_rows_use_the_tunes_screen(llama):
     oracle.screen_rows(str(llama), WORKLOAD, runner, rows)
     screened = [r for r in rows if "screen_step_ms" in r]
     assert len(runner.specs) == 1 and runner.specs[0]["screen_steps"] == 32
-    assert len(screened) == 6 and all(compiled(r["config"]) for r in screened)
+    assert len(screened) == 6 * (1 + len(COMPILE_VARIANTS)) and all(compiled(r["config"]) for r in screened)
     assert min(screened, key=lambda r: r["screen_step_ms"])["label"] == "bfloat16 sdpa static-cache+compile"
 
 
@@ -255,7 +297,8 @@ def test_the_tune_report_says_where_its_time_went(llama):
 def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
     """One process of each candidate per round; a machine that gets faster over time moves
     every candidate alike, and the median of the process medians keeps the true order."""
-    ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config)]
+    ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config) and not looped(t.config)
+          and not t.config["generate"].get("compile_config")]
     ts = [t for t in ts if t.status != "dropped"][:3] + [t for t in ts if t.status == "dropped"][:1]
 
     class Drifting(RegimeRunner):
@@ -320,13 +363,13 @@ def test_flex_attention_is_never_a_finalist_on_its_screen_alone(tmp_path):
     r = Tuner(model, facts=load_target("h100-80gb"), workload=Workload(batch_size=1, prompt_len=4096, new_tokens=8), runner=runner,
               check_capacity=False).run()
     timed = {s["label"] for s in runner.specs if not s.get("screen") and compiled(s["config"])}
-    assert "bfloat16 flex_attention static-cache+compile" in timed, "flex is measured, not trusted on its screen"
+    assert "bfloat16 flex_attention static-cache+compile sync-free-loop" in timed, "flex is measured, not trusted on its screen"
     assert any(lbl.startswith("bfloat16 sdpa") for lbl in timed), "a faithful finalist is kept"
     assert key(r.pick.config) == ("bfloat16", "sdpa"), r.pick.label
     assert any("compiled in addition" in n for n in r.notes)
     screened = next(s for s in runner.specs if s.get("screen"))["screen"]
     assert not any("flex" in s["label"] for s in screened), "flex compiles its kernels even in the screen: not screened"
-    assert "float16 flex_attention static-cache+compile" not in timed, "one flex candidate is enough"
+    assert not [lb for lb in timed if lb.startswith("float16 flex_attention")], "one flex candidate is enough"
 
 
 def test_progress_counts_only_rise(llama):
@@ -382,7 +425,7 @@ def test_finalists_compile_ahead_of_the_screen_and_beside_each_other_but_are_tim
     # roofline prior (with its head-to-head process), is ended unmeasured, and fp32 eager is
     # compiled after the screen
     runner = LaunchingRunner(screen_noise={("float32", "eager"): 74.3 / 117.7 * 1.01, ("float16", "sdpa"): 1.2})
-    r = tuned(llama, runner)
+    r = tuned(llama, runner, decode_loop="transformers")  # the launch mechanics; the loop's twin is tested below
     ev = runner.events
     screen_at = next(i for i, (what, lb) in enumerate(ev) if what == "run" and lb.startswith("screen"))
     assert [lb for what, lb in ev[:screen_at]] == [BF16, FP16, BASE, BF16, FP16], "the prior's picks, the default, their second processes"
@@ -400,7 +443,7 @@ def test_finalists_compile_ahead_of_the_screen_and_beside_each_other_but_are_tim
 
 def test_close_compiled_finalists_are_re_measured_by_processes_warmed_during_the_screen(llama):
     runner = LaunchingRunner()  # bf16 sdpa 117.7 vs fp16 sdpa 112.0 tok/s: not decisive
-    r = tuned(llama, runner)
+    r = tuned(llama, runner, decode_loop="transformers")
     assert [lb for what, lb in runner.events if what == "launch"] == [BF16, FP16, BASE, BF16, FP16], runner.events
     assert not [e for e in runner.events if e[0] == "cancel"], "the prior's picks were the screen's finalists"
     assert [lb for what, lb in runner.events if what == "release"] == [BASE, BF16, FP16, BF16, FP16]
@@ -409,8 +452,21 @@ def test_close_compiled_finalists_are_re_measured_by_processes_warmed_during_the
 
 def test_a_decisive_lead_ends_the_held_head_to_head_processes(llama):
     runner = LaunchingRunner(screen_noise={("float32", "eager"): 74.3 / 117.7 * 1.01})
-    tuned(llama, runner)  # bf16 sdpa 117.7 vs fp32 eager 74.3: decisive
+    tuned(llama, runner, decode_loop="transformers")  # bf16 sdpa 117.7 vs fp32 eager 74.3: decisive
     assert ("cancel", BF16) in runner.events and runner.events.count(("release", BF16)) == 1
+
+
+def test_the_loops_twin_compiles_beside_the_finalists_and_is_timed_alone(llama):
+    runner = LaunchingRunner()
+    r = tuned(llama, runner)
+    ev = runner.events
+    loop_bf16 = BF16 + " sync-free-loop"
+    assert ("launch", loop_bf16) in ev and ("launch", BF16) in ev, ev
+    first_timed = min(ev.index(("release", lb)) for lb in (loop_bf16, BF16))
+    assert ev.index(("warm", BF16)) < first_timed, "transformers' loop compiled beside the finalists, before any timed run"
+    assert r.pick.label == loop_bf16
+    twin = next(t for t in r.trials if t.label == BF16)
+    assert twin.status == "ok" and twin.median("decode_tok_s") < r.pick.median("decode_tok_s")
 
 
 def test_nothing_warms_up_beside_others_under_a_memory_budget(llama):
@@ -418,3 +474,78 @@ def test_nothing_warms_up_beside_others_under_a_memory_budget(llama):
     Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner, check_capacity=False,
           max_memory={"0": 40 * 1024**3}).run()
     assert not [e for e in runner.events if e[0] == "launch"]
+
+
+# torchao on the fake H100: speed over bf16 sdpa compiled, and how far its logits stray (noise sigma)
+TORCHAO = {"Int8WeightOnlyConfig": (1.3, 0.01), "Int4WeightOnlyConfig": (1.8, 1.0), "Float8DynamicActivationFloat8WeightConfig": (1.2, 0.05)}
+
+
+class QuantRunner(RegimeRunner):
+    """RegimeRunner whose candidates save logits (the reference's plus noise) and whose torchao
+    candidates run faster by their bytes."""
+
+    def __init__(self, root, **kw):
+        super().__init__(**kw)
+        import torch
+
+        self.root = root
+        self.ref = torch.randn(1, 4, 256, generator=torch.Generator().manual_seed(0)) * 3
+
+    def run(self, spec):
+        import torch
+
+        r = super().run(spec)
+        if spec.get("screen") or spec.get("capacity") or r["status"] != "ok":
+            return r
+        q = spec["config"]["from_pretrained"].get("quantization_config")
+        gain, sigma = TORCHAO[q["quant_type"]["default"]["_type"]] if q else (1.0, 0.001)
+        if gain != 1.0:
+            r["runs"] = [{**x, "decode_tok_s": x["decode_tok_s"] * gain} for x in r["runs"]]
+            r["decode_tok_s"] *= gain
+        d = self.root / f"run{len(self.specs)}"
+        d.mkdir()
+        noise = torch.randn(self.ref.shape, generator=torch.Generator().manual_seed(len(self.specs)))
+        torch.save(self.ref + sigma * noise, d / "logits.pt")
+        r["dir"], r["logits_finite"] = str(d), True
+        return r
+
+
+def test_torchao_candidates_are_measured_and_held_to_the_quality_tolerance(llama, tmp_path):
+    from autotune.profiles import apply_overrides
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    runner = QuantRunner(tmp_path)
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=runner, check_capacity=False).run()
+    quant = {t.config["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_type"]: t for t in r.trials if t.stage == "weight quantization"}
+    assert set(quant) == set(TORCHAO), "int8, int4 and float8 of the compiled leader"
+    assert all(t.config["from_pretrained"]["dtype"] == "bfloat16" and looped(t.config) and compiled(t.config) for t in quant.values())
+    int4 = quant["Int4WeightOnlyConfig"]
+    assert int4.status == "lossy" and "--quality-tolerance" in int4.reason and int4.quality["kl"] > 0.05
+    assert quant["Int8WeightOnlyConfig"].status == "ok"
+    assert r.pick is quant["Int8WeightOnlyConfig"], r.pick.label
+    # a looser tolerance lets int4 (the fastest) be picked
+    loose = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantRunner(_mk(tmp_path / "b")), check_capacity=False, quality_tolerance=10.0).run()
+    assert "torchao-int4wo" in loose.pick.label
+
+
+def test_torchao_without_quality_evidence_is_not_picked(llama):
+    from autotune.profiles import apply_overrides
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=RegimeRunner(), check_capacity=False).run()  # no logits at all
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    assert quant and all(t.status == "lossy" and "no logits" in t.reason for t in quant)
+    assert "torchao" not in r.pick.label
+
+
+def test_torchao_is_dropped_without_the_package_and_skipped_with_never(llama):
+    r = tuned(llama, RegimeRunner())
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    assert quant and all(t.status == "dropped" and "TORCHAO-MISSING" in t.reason for t in quant)
+    r = tuned(llama, RegimeRunner(), quantization="never")
+    assert not [t for t in r.trials if t.stage == "weight quantization"]
+
+
+def _mk(path):
+    path.mkdir()
+    return path

@@ -36,6 +36,7 @@ RANGES = {
     "optimum": ("1.8", None),
     "accelerate": ("0.20", None),
     "bitsandbytes": ("0.39", None),
+    "torchao": ("0.10", None),
 }
 
 
@@ -145,6 +146,10 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         "torch_floor": _first(r"PyTorch >= ([0-9.]+) is required", iu),
         "accelerate_min": _first(r'^ACCELERATE_MIN_VERSION = "([0-9.]+)"', iu),
         "bitsandbytes_min": _first(r'^BITSANDBYTES_MIN_VERSION = "([0-9.]+)"', iu),
+        # torchao through TorchAoConfig: whether the release has it, and the torchao it requires
+        # (is_torchao_available's floor, TORCHAO_MIN_VERSION)
+        "torchao_config": "class TorchAoConfig" in qc,
+        "torchao_min": _first(r'^TORCHAO_MIN_VERSION = "([0-9.]+)"', iu),
         # the floor in is_flash_attn_2_available (4.36+), or in the module-level flag it reads (4.35)
         # torch floors of SDPA and flex attention (the last version is_torch_*_available compares with)
         "sdpa_torch_min": _last_version(iu, "is_torch_sdpa_available"),
@@ -223,6 +228,23 @@ def optimum_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     }
 
 
+def torchao_facts(z: zipfile.ZipFile) -> dict[str, Any]:
+    init = _read(z, "torchao/__init__.py")
+    api = _read(z, "torchao/quantization/quant_api.py")
+    fmt = _read(z, "torchao/quantization/quantize_/common/packing_format.py") + _read(z, "torchao/quantization/quantize_/workflows/int4/int4_packing_format.py")
+    return {
+        "source": "torchao/__init__.py, quantization/quant_api.py, quantization/quantize_/..., METADATA",
+        **_metadata(z),
+        # below this torch the release skips loading its C++ extensions ("incompatible torch version")
+        "torch_min_extensions": _first(r'min_torch_version = _parse_version\("([0-9.]+)"\)', init),
+        # Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d"): the tinygemm layout (torch's own kernel)
+        "int4_tile_packed_to_4d": 'TILE_PACKED_TO_4D = "tile_packed_to_4d"' in fmt,
+        "float8_dq_config": "class Float8DynamicActivationFloat8WeightConfig" in api,
+        # transform() asserts compute capability 8.9 on CUDA for float8 dynamic activation
+        "float8_dq_needs_sm89": "only supported on CUDA>=8.9" in api,
+    }
+
+
 def plain_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     return {"source": "METADATA", **_metadata(z)}
 
@@ -267,6 +289,7 @@ def flash_attn_facts(version: str, url: str) -> dict[str, Any]:
 
 EXTRACT: dict[str, Callable[[zipfile.ZipFile], dict[str, Any]]] = {
     "transformers": transformers_facts, "optimum": optimum_facts, "accelerate": plain_facts, "bitsandbytes": plain_facts,
+    "torchao": torchao_facts,
 }
 
 
