@@ -24,12 +24,24 @@ def serve(preload: list[str]) -> None:
     parent = os.environ.pop("AUTOTUNE_SERVER_PARENT", "")  # popped: the candidates are this server's children
     die_with_parent(int(parent) if parent.isdigit() else None)  # the tune that started this server
 
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # a missing model module only costs the child an import
     import torch
+    import torch.utils._triton as tt
+
+    # Asking torch for the GPU's compute capability initialises CUDA. A module that asks at import
+    # (torchao 0.18, reached from transformers' torchao quantizer when torchao is installed:
+    # prototype/mx_formats/kernels.py calls has_triton() and is_sm_at_least_100() at module level)
+    # would leave a CUDA context that no forked child can use. While preloading, both questions
+    # are answered from NVML instead; afterwards torch's own functions are back.
+    plain = tt.has_triton, torch.cuda.get_device_capability
+    tt.has_triton, torch.cuda.get_device_capability = has_triton_without_cuda, capability_without_cuda
+    try:
+        for name in preload:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # a missing model module only costs the child an import
+    finally:
+        tt.has_triton, torch.cuda.get_device_capability = plain
 
     out = sys.stdout
     out.write(json.dumps({"ready": True, "cuda_initialized": torch.cuda.is_initialized()}) + "\n")
@@ -54,6 +66,51 @@ def serve(preload: list[str]) -> None:
                 del running[pid]
                 out.write(json.dumps({"out_dir": out_dir, **reply}) + "\n")
                 out.flush()
+
+
+_CAPS: list[tuple[int, int]] | None = None
+
+
+def _capabilities() -> list[tuple[int, int]]:
+    """Each visible GPU's compute capability by CUDA ordinal, from NVML (the probe's ordering
+    under CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER); empty without NVML or a GPU."""
+    global _CAPS
+    if _CAPS is None:
+        try:
+            from autotune.facts import UNKNOWN
+            from autotune.machine import probe
+
+            gpus = probe(packages={}, host={}).gpus
+            _CAPS = [] if gpus is UNKNOWN else [(c.major, c.minor) for g in gpus for c in [g.capability] if c is not None]
+        except Exception:  # noqa: BLE001 - no NVML: no CUDA device
+            _CAPS = []
+    return _CAPS
+
+
+def capability_without_cuda(device: object = None) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability`` from NVML (raises like torch when there is no GPU)."""
+    caps = _capabilities()
+    if isinstance(device, str):
+        idx = int(device.split(":")[1]) if ":" in device else None
+    elif isinstance(device, int) or device is None:
+        idx = device
+    else:  # a torch.device
+        idx = getattr(device, "index", None)
+    idx = 0 if idx is None else int(idx)
+    if not 0 <= idx < len(caps):
+        raise RuntimeError("no CUDA GPU with that ordinal (read through NVML)")
+    return caps[idx]
+
+
+def has_triton_without_cuda() -> bool:
+    """What ``torch.utils._triton.has_triton`` answers on CUDA (triton importable and a GPU of
+    compute capability 7.0 or newer), read through NVML, without initialising CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    caps = _capabilities()
+    return bool(caps) and caps[0][0] >= 7
 
 
 def _fork(req: dict) -> int:

@@ -10,17 +10,22 @@ from .config import Workload
 from .facts import Facts
 from .measure import Bench
 from .model import read_model
-from .space import Space, full_space, regime, same_candidate
+from .space import TORCHAO_KINDS, Space, candidate_config, full_space, regime, same_candidate
 from .trial import STATUS_OK, Trial
 
 # The tune takes 2 timed runs per candidate (3 when they disagree); the oracle five times that.
 ORACLE_REPS = 10
 
 
-def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[str, str] | None = None) -> list[Any]:
-    """Every unquantized one-device candidate the rules let through, placed as the tune places them."""
+def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[str, str] | None = None, *, quant: bool = False) -> list[Any]:
+    """Every unquantized one-device candidate the rules let through, placed as the tune places
+    them; with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
+    either decode loop), the tune's weight-quantization candidates."""
     space = Space(read_model(model_path), facts, workload, fixed=fixed)
-    return [space.place("oracle", cfg) for cfg in full_space(space.device, space.half, workload, space.fixed)]
+    cfgs = list(full_space(space.device, space.half, workload, space.fixed))
+    if quant:
+        cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop) for q in TORCHAO_KINDS for loop in (None, "sync-free")]
+    return [space.place("oracle", cfg) for cfg in cfgs]
 
 
 def _spec(model_path: str, t: Any, workload: Workload, reps: int) -> dict[str, Any]:
@@ -56,7 +61,8 @@ def measure_all(model_path: str, trials: list[Any], workload: Workload, runner: 
             r = runner.run(_spec(model_path, t, workload, reps))
             row.setdefault("processes", []).append({"status": r.get("status"), "decode_tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
                                                     "compile_s": r.get("compile_s"), "wall_s": r.get("wall_s"), "error": r.get("error"),
-                                                    "round": rnd, "runs": [x.get("decode_tok_s") for x in r.get("runs", [])]})
+                                                    "round": rnd, "runs": [x.get("decode_tok_s") for x in r.get("runs", [])],
+                                                    "decode_loop": r.get("decode_loop"), "gpu_peak_gib": r.get("gpu_peak_gib")})
             if r.get("status") != STATUS_OK:
                 row.update(status=r.get("status"), error=r.get("error"))
                 live.remove(t)

@@ -113,13 +113,24 @@ class Launch:
         self._reply = {**(reply or {"exit": None, "signal": signal.SIGKILL}), "timed_out": timed_out}
 
 
+def preload_initialises_cuda() -> bool:
+    """Would importing a model's modeling module in the fork server touch CUDA? With torchao
+    installed it does (measured on the H100 with torchao 0.18: the modeling module imports
+    transformers' quantizers, which import torchao, whose prototype kernels ask torch for the
+    compute capability and load CUDA extensions at import; forked children then fail with "Cannot
+    re-initialize CUDA in forked subprocess"). Then each child imports the model module itself."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
 class ForkRunner:
     """Runs each candidate in a child of a warm fork server, with a timeout."""
 
     def __init__(self, *, timeout_s: float = 600.0, workdir: str | Path | None = None, preload_model_type: str | None = None) -> None:
         self.timeout_s = timeout_s
         self.preload = ["torch", "transformers", "transformers.generation.utils", "autotune.worker"]
-        if preload_model_type:
+        if preload_model_type and not preload_initialises_cuda():
             mt = preload_model_type.replace("-", "_")
             self.preload.append(f"transformers.models.{mt}.modeling_{mt}")
         self._tmp = tempfile.TemporaryDirectory(prefix="autotune-run-")

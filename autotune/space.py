@@ -25,13 +25,15 @@ LONG_PROMPT = 1024
 
 
 # torchao weight-only (and float8) quantization as candidates: TorchAoConfig.to_dict's JSON form
-# (torchao 0.18's config_to_dict; the omitted fields take the class defaults in config_from_dict)
+# (torchao 0.18's config_to_dict; the omitted fields take the class defaults in config_from_dict).
+# set_inductor_config is off: torchao's recommended inductor settings (coordinate-descent tuning of
+# every kernel) made one 1.1 B candidate's compile run past 7 minutes on the H100.
 TORCHAO_KINDS = {
-    "torchao-int8wo": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {}},
+    "torchao-int8wo": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {"set_inductor_config": False}},
     # the tinygemm layout: torch's own _weight_int4pack_mm kernel, no extra native package (bfloat16 only)
-    "torchao-int4wo": {"_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {"group_size": 128, "int4_packing_format": "tile_packed_to_4d"}},
+    "torchao-int4wo": {"_type": "Int4WeightOnlyConfig", "_version": 2, "_data": {"group_size": 128, "int4_packing_format": "tile_packed_to_4d", "set_inductor_config": False}},
     "torchao-float8dq": {"_type": "Float8DynamicActivationFloat8WeightConfig", "_version": 2,
-                         "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {}}}},
+                         "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {}}, "set_inductor_config": False}},
 }
 
 

@@ -43,13 +43,16 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=3, help="fresh processes per candidate (compiled ones move ~10 %% between processes)")
     ap.add_argument("--only", action="append", default=[], metavar="GLOB", help="measure only candidates whose label matches (repeatable)")
     ap.add_argument("--skip-tune", action="store_true", help="the tune's report is already in --out")
+    ap.add_argument("--quant", action="store_true", help="also torchao int8 / int4 / float8 of bf16 sdpa compiled (torchao importable)")
+    ap.add_argument("--model", help="a model folder to use instead of the random one of --shape (e.g. one trained by benchmarks/train_text.py)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    name = f"{args.shape}-b{args.batch_size}-p{args.prompt_len}"
+    name = f"{args.shape}{'-' + Path(args.model).name if args.model else ''}-b{args.batch_size}-p{args.prompt_len}"
+    model_dir = Path(args.model or f"/tmp/llama-{args.shape}")
     if args.part == "none":
-        out, model = Path(args.out), Path(f"/tmp/llama-{args.shape}")
+        out, model = Path(args.out), model_dir
     else:
-        out, model = prepare(args.out, Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
+        out, model = prepare(args.out, model_dir, SHAPES[args.shape])
     wl = ["--batch-size", str(args.batch_size), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     tune_path = out / f"tune-{name}.json"
     if not args.skip_tune:
@@ -75,15 +78,18 @@ def main() -> None:
         return t.label not in have and (args.part == "all" or (args.part == "compiled") == compiled)
 
     runner = ForkRunner(timeout_s=600, preload_model_type="llama")
-    todo = [t for t in oracle.candidates(str(model), facts, workload) if keep(t)] if facts else []
+    todo = [t for t in oracle.candidates(str(model), facts, workload, quant=args.quant) if keep(t)] if facts else []
     t0 = time.perf_counter()
     try:
         def on_row(row: dict) -> None:
             done["rows"].append(row)
             done.get("partial", {}).pop(row["label"], None)
             path.write_text(json.dumps(done, indent=1))
-            print(f"oracle {row['label'][:60]:60} {row['status']:10} {row.get('decode_tok_s')} {row.get('process_medians')} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            loop = [(p.get("decode_loop") or {}).get("tokens_equal") for p in row.get("processes", []) if p.get("decode_loop")]
+            print(f"oracle {row['label'][:72]:72} {row['status']:10} {row.get('decode_tok_s')} {row.get('process_medians')} "
+                  f"compile {[p.get('compile_s') and round(p['compile_s'], 1) for p in row.get('processes', [])]} peak "
+                  f"{[p.get('gpu_peak_gib') for p in row.get('processes', [])]}{' loop tokens equal ' + str(loop) if loop else ''} "
+                  f"{(row.get('error') or '')[:160]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         def on_progress(row: dict) -> None:  # a run cut short continues from here (same --out)
             done.setdefault("partial", {})[row["label"]] = row["processes"]

@@ -423,3 +423,25 @@ def test_tune_refuses_generation_lengths_for_an_encoder_in_one_line(tmp_path):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)).save_pretrained(tmp_path / "bert")
     r = run_cli("tune", str(tmp_path / "bert"), "--prompt-len", "16", "--new-tokens", "4", env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
     assert r.returncode == 2 and "encoder model (BertModel)" in r.stderr and "--seq-len" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_fork_server_answers_has_triton_without_touching_cuda(monkeypatch):
+    """torchao 0.18 calls torch's has_triton() at import, which initialises CUDA (seen on the H100:
+    the fork server refused to start with torchao installed); the server's stand-in reads NVML."""
+    import torch
+
+    from autotune import _forkserver
+
+    def no(*a, **k):
+        raise AssertionError("CUDA initialised")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no)
+    monkeypatch.setattr(_forkserver, "_CAPS", None)
+    assert _forkserver.has_triton_without_cuda() in (True, False)
+    monkeypatch.setattr(_forkserver, "_CAPS", [(9, 0), (8, 6)])
+    assert _forkserver.capability_without_cuda() == (9, 0)
+    assert _forkserver.capability_without_cuda(1) == _forkserver.capability_without_cuda("cuda:1") == (8, 6)
+    assert _forkserver.capability_without_cuda(torch.device("cuda", 1)) == (8, 6)
+    with pytest.raises(RuntimeError):
+        _forkserver.capability_without_cuda(2)
