@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=3, help="fresh processes per candidate (compiled ones move ~10 %% between processes)")
     ap.add_argument("--only", action="append", default=[], metavar="GLOB", help="measure only candidates whose label matches (repeatable)")
     ap.add_argument("--skip-tune", action="store_true", help="the tune's report is already in --out")
+    ap.add_argument("--no-screen", action="store_true", help="do not screen the compiled rows afterwards")
     ap.add_argument("--quant", action="store_true", help="also torchao int8 / int4 / float8 of bf16 sdpa compiled (torchao importable)")
     ap.add_argument("--model", help="a model folder to use instead of the random one of --shape (e.g. one trained by benchmarks/train_text.py)")
     ap.add_argument("--out", required=True)
@@ -97,7 +98,7 @@ def main() -> None:
 
         oracle.measure_all(str(model), todo, workload, runner, procs=args.procs, on_row=on_row, on_progress=on_progress,
                            resume=done.get("partial"))
-        if args.part in ("all", "compiled") and not any("screen_step_ms" in r for r in done["rows"]):
+        if args.part in ("all", "compiled") and not args.no_screen and not any("screen_step_ms" in r for r in done["rows"]):
             oracle.screen_rows(str(model), workload, runner, done["rows"])
         # transformers' default, five times longer too
         if not any(r["label"].startswith("baseline") for r in done["rows"]) and args.part in ("all", "eager"):
