@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
     p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     p.add_argument("--quantization", choices=["auto", "always", "never"], default="auto",
-                   help="bitsandbytes: with auto only for --objective memory or when the model does not fit; torchao weight-only "
-                        "(int8, int4, float8) of the compiled pick unless never")
+                   help="auto: bitsandbytes only for --objective memory or when the model does not fit; always: also torchao "
+                        "weight-only int8/int4/float8 of the compiled pick (within --quality-tolerance)")
     p.add_argument("--quality-tolerance", type=float, default=QUALITY_TOLERANCE, metavar="KL",
                    help=f"the mean KL (nats) to the unquantized model a torchao-quantized candidate may have and still be picked (default {QUALITY_TOLERANCE:g})")
     p.add_argument("--decode-loop", choices=["auto", "sync-free", "transformers"], default="auto",

@@ -118,10 +118,15 @@ def preload_initialises_cuda() -> bool:
     installed it does (measured on the H100 with torchao 0.18: the modeling module imports
     transformers' quantizers, which import torchao, whose prototype kernels ask torch for the
     compute capability and load CUDA extensions at import; forked children then fail with "Cannot
-    re-initialize CUDA in forked subprocess"). Then each child imports the model module itself."""
+    re-initialize CUDA in forked subprocess"). Then each child imports the model module itself.
+    Without an NVIDIA GPU there is no CUDA to initialise."""
     import importlib.util
 
-    return importlib.util.find_spec("torchao") is not None
+    if importlib.util.find_spec("torchao") is None:
+        return False
+    from ._forkserver import _capabilities
+
+    return bool(_capabilities())
 
 
 class ForkRunner:

@@ -248,9 +248,13 @@ class Search:
         """torchao weight-only quantization (int8, int4) and float8 of the compiled leader, as
         throughput candidates: fewer weight bytes per token, still compiled. Only bfloat16 (int4's
         tinygemm layout needs it); the rules drop what this machine cannot run (no torchao, a GPU
-        without float8 or int4 kernels); the judge keeps only those within the quality tolerance."""
-        if self.quantization == "never":
-            self.notes.append("torchao weight-only quantization not measured (--quantization never)")
+        without float8 or int4 kernels); the judge keeps only those within the quality tolerance.
+        Measured with ``--quantization always`` only: each compiles for a minute or more, and on
+        the H100 none beat bfloat16 with the sync-free loop (docs/PERFORMANCE.md, issue 12)."""
+        if self.quantization != "always":
+            self.notes.append("torchao weight-only quantization not measured (--quantization always measures int8, int4 and float8 of the "
+                              "pick, within --quality-tolerance; on an H100 each ran slower than bfloat16 with the sync-free loop: "
+                              "1.1 B 60, 216 and 185 vs 496 tok/s, 7 B int4 147 vs 158)")
             return
         lead = self.compiled_leader()
         if lead is None:
@@ -332,7 +336,7 @@ class Search:
         best_fp = self.judge.best(bench.trials)
         want = self.quantization == "always" or (self.quantization == "auto" and (self.judge.objective == "memory" or best_fp is None))
         if not want:
-            self.notes.append("quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
+            self.notes.append("bitsandbytes quantization not measured: the model fits unquantized and the objective is not memory (use --quantization always)")
             return
         self.bench.cancel(self.spares)  # their memory is the quantized candidates' now
         src = best_fp.config["from_pretrained"] if best_fp else {"dtype": sp.half, "attn_implementation": "sdpa"}

@@ -498,7 +498,7 @@ class QuantRunner(RegimeRunner):
         if spec.get("screen") or spec.get("capacity") or r["status"] != "ok":
             return r
         q = spec["config"]["from_pretrained"].get("quantization_config")
-        gain, sigma = TORCHAO[q["quant_type"]["default"]["_type"]] if q else (1.0, 0.001)
+        gain, sigma = TORCHAO[q["quant_type"]["default"]["_type"]] if q and q.get("quant_method") == "torchao" else (1.0, 0.001)
         if gain != 1.0:
             r["runs"] = [{**x, "decode_tok_s": x["decode_tok_s"] * gain} for x in r["runs"]]
             r["decode_tok_s"] *= gain
@@ -515,7 +515,7 @@ def test_torchao_candidates_are_measured_and_held_to_the_quality_tolerance(llama
 
     facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
     runner = QuantRunner(tmp_path)
-    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=runner, check_capacity=False).run()
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=runner, check_capacity=False, quantization="always").run()
     quant = {t.config["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_type"]: t for t in r.trials if t.stage == "weight quantization"}
     assert set(quant) == set(TORCHAO), "int8, int4 and float8 of the compiled leader"
     assert all(t.config["from_pretrained"]["dtype"] == "bfloat16" and looped(t.config) and compiled(t.config) for t in quant.values())
@@ -524,7 +524,8 @@ def test_torchao_candidates_are_measured_and_held_to_the_quality_tolerance(llama
     assert quant["Int8WeightOnlyConfig"].status == "ok"
     assert r.pick is quant["Int8WeightOnlyConfig"], r.pick.label
     # a looser tolerance lets int4 (the fastest) be picked
-    loose = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantRunner(_mk(tmp_path / "b")), check_capacity=False, quality_tolerance=10.0).run()
+    loose = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantRunner(_mk(tmp_path / "b")), check_capacity=False, quality_tolerance=10.0,
+                  quantization="always").run()
     assert "torchao-int4wo" in loose.pick.label
 
 
@@ -532,18 +533,20 @@ def test_torchao_without_quality_evidence_is_not_picked(llama):
     from autotune.profiles import apply_overrides
 
     facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
-    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=RegimeRunner(), check_capacity=False).run()  # no logits at all
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=RegimeRunner(), check_capacity=False, quantization="always").run()  # no logits
     quant = [t for t in r.trials if t.stage == "weight quantization"]
     assert quant and all(t.status == "lossy" and "no logits" in t.reason for t in quant)
     assert "torchao" not in r.pick.label
 
 
-def test_torchao_is_dropped_without_the_package_and_skipped_with_never(llama):
-    r = tuned(llama, RegimeRunner())
+def test_torchao_is_dropped_without_the_package_and_measured_only_when_asked(llama):
+    r = tuned(llama, RegimeRunner(), quantization="always")
     quant = [t for t in r.trials if t.stage == "weight quantization"]
     assert quant and all(t.status == "dropped" and "TORCHAO-MISSING" in t.reason for t in quant)
-    r = tuned(llama, RegimeRunner(), quantization="never")
-    assert not [t for t in r.trials if t.stage == "weight quantization"]
+    for q in ("auto", "never"):
+        r = tuned(llama, RegimeRunner(), quantization=q)
+        assert not [t for t in r.trials if t.stage == "weight quantization"]
+        assert any("torchao weight-only quantization not measured" in n for n in r.notes)
 
 
 def _mk(path):
