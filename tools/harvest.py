@@ -139,6 +139,7 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
     bnb = mu + _read(z, "transformers/quantizers/quantizer_bnb_8bit.py") + _read(z, "transformers/quantizers/quantizer_bnb_4bit.py")
     iu = _read(z, "transformers/utils/import_utils.py")
     qc = _read(z, "transformers/utils/quantization_config.py")
+    gu = _read(z, "transformers/generation/utils.py")
     fa2 = re.search(r"def is_flash_attn_2_available.*?(?=\ndef )", iu, re.S)
     return {
         "source": "transformers/modeling_utils.py, utils/import_utils.py, utils/quantization_config.py, METADATA",
@@ -149,6 +150,10 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         # torchao through TorchAoConfig: whether the release has it, and the torchao it requires
         # (is_torchao_available's floor, TORCHAO_MIN_VERSION)
         "torchao_config": "class TorchAoConfig" in qc,
+        # what autotune's sync-free decode loop needs of generate: a callable custom_generate used as
+        # the decoding method, and GenerationMixin._prefill (generation/utils.py)
+        "custom_generate_callable": "decoding_method = custom_generate" in gu,
+        "generation_prefill": "def _prefill(" in gu,
         "torchao_min": _first(r'^TORCHAO_MIN_VERSION = "([0-9.]+)"', iu),
         # the floor in is_flash_attn_2_available (4.36+), or in the module-level flag it reads (4.35)
         # torch floors of SDPA and flex attention (the last version is_torch_*_available compares with)
