@@ -24,10 +24,25 @@ def statuses(result):
     return {t.label: t.status for t in result.trials}
 
 
+def bf16_cpu_facts():
+    """This machine's probe, its CPU said to have bf16 instructions: the search's order (bf16
+    first on such a CPU, float32 first on one without) is then the same on every host."""
+    from autotune.machine import host_info, probe
+
+    host = host_info()
+    return probe(host={**host, "cpu_flags": sorted(set(host.get("cpu_flags") or ()) | {"avx512_bf16"})})
+
+
 def test_tune_tiny_llama_for_real(tiny_llama):
-    r = tune(tiny_llama, use_cache=False, report=True, **SMALL)
+    from autotune.machine import probe
+    from autotune.space import preferred
+
+    facts = probe()
+    first = preferred(facts)[1]  # bfloat16 where the CPU has bf16 instructions (AMX, AVX512-BF16), else float32
+    r = tune(tiny_llama, use_cache=False, report=True, facts=facts, **SMALL)
     ok = {(t.config["from_pretrained"].get("dtype"), t.config["from_pretrained"].get("attn_implementation")) for t in r.trials if t.status == "ok"}
-    assert {("bfloat16", "sdpa"), ("bfloat16", "eager")} <= ok, "stage 1: attention at the preferred dtype"
+    assert {(first, "sdpa"), (first, "eager")} <= ok, "stage 1: attention at the preferred dtype"
+    assert {t.config["from_pretrained"]["dtype"] for t in r.trials if t.stage == "attention"} == {first}
     assert {d for d, _ in ok} >= {"float32", "float16", "bfloat16"}, "stage 2: every dtype with the best attention"
     assert any(t.stage == "cache" and t.status == "ok" for t in r.trials), "stage 3: the static cache"
     assert r.pick is not None and r.pick.status == "ok"
@@ -79,7 +94,7 @@ def test_bitsandbytes_4bit_on_cpu(tiny_llama):
 
 def test_injected_faults_are_reported_and_the_tune_completes(tiny_llama):
     faults = {"bfloat16 eager *": "crash", "float16 sdpa device_map=cpu": "hang", "float32 sdpa *": "oom", "* static-cache *": "corrupt"}
-    r = tune(tiny_llama, use_cache=False, report=True, faults=faults, candidate_timeout=25, **SMALL)
+    r = tune(tiny_llama, use_cache=False, report=True, faults=faults, candidate_timeout=25, facts=bf16_cpu_facts(), **SMALL)
     st = statuses(r)
     assert st["bfloat16 eager device_map=cpu"] == "crashed"
     assert st["float16 sdpa device_map=cpu"] == "timeout"
