@@ -135,8 +135,10 @@ def _choose(torch: Any, logits: Any, suppress: Any, plan: dict[str, Any]) -> Any
 
 
 def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: Any, suppress: Any, pad: Any,
-          eos: Any, plan: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """One decode step: forward of the last token, choice, padding of finished rows, EOS check."""
+          eos: Any, plan: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """One decode step: forward of the last token, choice, padding of finished rows, EOS check.
+    Returns the next token, position and unfinished rows, and the step's raw float32 logits (a
+    graph output costs nothing more: they are computed in float32 for the choice anyway)."""
     import torch
     from transformers.masking_utils import create_masks_for_generate
 
@@ -150,7 +152,7 @@ def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: A
     if eos is not None:
         nxt = torch.where(unfinished, nxt, pad)
         unfinished = unfinished & ~torch.isin(nxt, eos)
-    return nxt, pos + 1, unfinished
+    return nxt, pos + 1, unfinished, logits
 
 
 def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any) -> Callable[..., Any]:
@@ -174,6 +176,22 @@ def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: A
     return fn
 
 
+def _column(torch: Any, tokens: Any, i: int) -> Any:
+    """Column ``i`` as a fresh contiguous tensor, laid out like the token the step itself returns
+    (a strided view would be a new input layout to the compiled step: a recompile)."""
+    return tokens[:, i].clone(memory_format=torch.contiguous_format)
+
+
+def _masked(torch: Any, logits: Any, length: int, plan: dict[str, Any]) -> Any:
+    """Raw logits as ``_sample``'s processors hand them on (a copy on the host): EOS at -inf
+    while ``length`` (tokens so far) is below the minimum length."""
+    out = logits.detach().float().cpu()
+    if plan["eos_min"] is not None and length < plan["min_length"]:
+        cols = torch.as_tensor(plan["eos_min"]).reshape(-1)
+        out[:, cols[cols < out.shape[-1]]] = float("-inf")
+    return out
+
+
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
@@ -182,11 +200,19 @@ def _warn_once(reason: str) -> None:
 
 def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any,
              synced_gpus: bool = False, streamer: Any = None, first_token_hook: Callable[[], None] | None = None,
-             check_every: int | None = None, **model_kwargs: Any) -> Any:
+             check_every: int | None = None, forced_tokens: Any = None, logits_out: list[Any] | None = None,
+             **model_kwargs: Any) -> Any:
     """``GenerationMixin._sample``'s contract without a host sync per token (see the module's
     docstring). ``first_token_hook`` is called once the first new token is queued (a benchmark
     synchronises there to take the time to first token); ``check_every``: tokens between looks
-    at whether every row has finished (default :data:`CHECK_EVERY`)."""
+    at whether every row has finished (default :data:`CHECK_EVERY`).
+
+    ``forced_tokens`` (batch x n) and ``logits_out`` (a list) make it a quality probe of the very
+    graph that decodes: the prefill's and then each step's raw float32 logits (on the host, EOS
+    masked below the minimum length as ``_sample``'s processors mask it) are appended to
+    ``logits_out`` while the forced tokens, not the chosen ones, are fed back; it stops after
+    ``n`` logits. The static cache keeps the call's length, so a compiled step does not compile
+    again, as a ``logits_processor`` (which sends the call to ``_sample``) would make it."""
     import torch
     from transformers import GenerationMixin
 
@@ -218,6 +244,12 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
     if eos is not None:
         unfinished = unfinished & ~torch.isin(tok, eos)
+    probe = forced_tokens is not None and logits_out is not None
+    if probe:
+        n_new = min(n_new, int(forced_tokens.shape[1]))
+        logits_out.append(_masked(torch, logits, start, plan))
+        forced_tokens = forced_tokens.to(device=device, dtype=tok.dtype)
+        tok = _column(torch, forced_tokens, 0)
     toks = [tok]
     if first_token_hook is not None:
         first_token_hook()
@@ -239,9 +271,14 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
         length = start + i  # tokens before this step's; the minimum length is known on the host
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        tok, pos, unfinished = step(model, cache, tok, pos, full, unfinished, yes if length < plan["min_length"] else no, pad, eos, plan)
+        tok, pos, unfinished, step_logits = step(model, cache, tok, pos, full, unfinished, yes if length < plan["min_length"] else no, pad, eos, plan)
         if cudagraphs:  # a replay's outputs are overwritten by the next one
             tok, pos, unfinished = tok.clone(), pos.clone(), unfinished.clone()
+        if probe:
+            logits_out.append(_masked(torch, step_logits, length, plan))
+            tok = _column(torch, forced_tokens, i)
+            toks.append(tok)
+            continue
         toks.append(tok)
         if eos is not None and i % every == 0 and not bool(unfinished.any()):
             break

@@ -301,15 +301,25 @@ def _finite(torch: Any, logits: Any) -> bool:
 
 
 def _forced_logits(torch: Any, model: Any, ids: Any, base: dict[str, Any], vocab: int, steps: int, n_new: int, seed: int,
-                   *, keep_length: bool) -> Any:
+                   *, keep_length: bool, loop: Any = None) -> Any:
     """Raw logits of the first ``steps`` steps over a forced, fixed continuation: every
-    candidate is compared on the same token history (padded rows included)."""
+    candidate is compared on the same token history (padded rows included). With a decode
+    ``loop`` (autotune's sync-free one) the loop itself feeds the forced tokens, so the logits
+    come from the graph that was timed (a logits processor would send the call to transformers'
+    loop, which on CUDA compiles the forward a second time)."""
     from transformers import LogitsProcessorList
 
     g = torch.Generator().manual_seed(seed + 1)
     forced = torch.randint(3, vocab, (ids.shape[0], n_new), generator=g)
-    proc = _ForceTokens(torch, forced, keep=steps)
     length = {} if keep_length else {"max_new_tokens": steps, "min_new_tokens": steps}
+    if loop is not None:
+        out: list[Any] = []
+        with torch.inference_mode():
+            model.generate(ids, **{**base, **length}, custom_generate=loop, forced_tokens=forced[:, :steps], logits_out=out)
+        if len(out) != steps:
+            raise RuntimeError(f"the decode loop gave {len(out)} of {steps} forced-token logits (it fell back to transformers' loop)")
+        return torch.stack(out, dim=1)
+    proc = _ForceTokens(torch, forced, keep=steps)
     with torch.inference_mode():
         model.generate(ids, **{**base, **length, "logits_processor": LogitsProcessorList([proc])})
     return torch.stack(proc.logits, dim=1)  # (batch, steps, vocab)
@@ -546,7 +556,10 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     # quality: raw logits over several steps on a fixed token history (not timed). A static
     # cache keeps the measured length (another length would make a compiled one recompile).
     steps = min(spec.get("quality_steps", 4), n_new)
-    logits = _forced_logits(torch, model, ids, base, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes)
+    graphs_q = _dynamo_graphs(torch)
+    logits = _forced_logits(torch, model, ids, base, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes, loop=loop)
+    if compiled and graphs_q >= 0:  # a compiled candidate's quality pass should reuse its graph (0), not compile anew
+        res["quality_pass_graphs"] = _dynamo_graphs(torch) - graphs_q
     if spec.get("fault") == "corrupt":
         logits = torch.randn_like(logits) * 10
     if rank == 0:  # tensor-parallel ranks compute the same (replicated) logits

@@ -170,3 +170,56 @@ def test_a_candidate_process_times_the_loop_and_checks_its_tokens(tiny_llama, tm
     assert "itl_p50_s" not in res  # tokens are not clocked one by one in the loop
     assert res["decode_loop"]["tokens_equal"] is True and res["decode_loop"]["agree_tokens"] == 12
     assert (tmp_path / "logits.pt").is_file()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("min_new", [0, 10], ids=["no-minimum", "eos-masked"])
+def test_forced_logits_through_the_loop_equal_transformers_loop(model, batch, attn, min_new):
+    """A loop candidate's quality logits come from the loop's own step (the graph that is timed),
+    fed forced tokens: the same logits transformers' loop records through a logits processor,
+    EOS masked below the minimum length, padded rows included, and the loop stops after them."""
+    from transformers import LogitsProcessorList
+
+    from autotune.worker import _ForceTokens
+
+    ids, mask = batch
+    model.config._attn_implementation = attn
+    steps, n_new = 6, 10
+    forced = torch.randint(30, 300, (ids.shape[0], n_new), generator=torch.Generator().manual_seed(2))
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=n_new, min_new_tokens=min_new)
+    proc = _ForceTokens(torch, forced, keep=steps)
+    model.generate(ids, **common, logits_processor=LogitsProcessorList([proc]))
+    want = torch.stack(proc.logits, dim=1)
+    got: list = []
+    runs = decode.stats["runs"]
+    out = model.generate(ids, **common, custom_generate=decode.generate, forced_tokens=forced[:, :steps], logits_out=got)
+    assert decode.stats["runs"] == runs + 1 and len(got) == steps
+    assert torch.equal(out[:, ids.shape[1]:], forced[:, :steps])  # the forced tokens were fed, not the chosen ones
+    got = torch.stack(got, dim=1)
+    masked = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), masked) and bool(masked.any()) == (min_new > 0)
+    assert torch.allclose(got[~masked], want[~masked], atol=1e-5, rtol=1e-5)
+
+
+def test_a_loop_candidates_quality_logits_come_from_the_loop(tiny_llama, tmp_path, monkeypatch):
+    """In a candidate's process the loop serves the quality pass too: transformers' own loop on
+    the compiled static cache would compile the forward again after the timed runs."""
+    from autotune import worker
+
+    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
+           "generate": {"cache_implementation": "static", "disable_compile": True}, "runtime": {"decode_loop": "sync-free"}}
+    spec = {"model": str(tiny_llama), "label": "loop", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 3, "seed": 0,
+            "workload": {"batch_size": 2, "prompt_len": 16, "new_tokens": 12, "padding": True, "task": "generate"}}
+    seen = []
+    monkeypatch.setattr(worker, "_ForceTokens", lambda *a, **k: seen.append("transformers' loop") or (_ for _ in ()).throw(AssertionError))
+    res = worker.run_candidate(spec, str(tmp_path))
+    assert res["status"] == "ok", res.get("error")
+    assert not seen
+    logits = torch.load(tmp_path / "logits.pt")
+    assert logits.shape == (2, 3, 256)
+    monkeypatch.undo()  # transformers' loop for the same candidate without the decode loop
+    plain = dict(spec, config={**cfg, "runtime": {}})
+    (tmp_path / "plain").mkdir()
+    assert worker.run_candidate(plain, str(tmp_path / "plain"))["status"] == "ok"
+    ref = torch.load(tmp_path / "plain" / "logits.pt")
+    assert torch.allclose(logits.float(), ref.float(), atol=2e-3)  # both saved in float16
