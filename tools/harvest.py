@@ -154,6 +154,11 @@ def transformers_facts(z: zipfile.ZipFile) -> dict[str, Any]:
         # the decoding method, and GenerationMixin._prefill (generation/utils.py)
         "custom_generate_callable": "decoding_method = custom_generate" in gu,
         "generation_prefill": "def _prefill(" in gu,
+        # prompt-lookup decoding (generate(prompt_lookup_num_tokens=N)) and what assisted decoding
+        # refuses: more than one row, a static cache (generation/utils.py _assisted_decoding)
+        "prompt_lookup": "prompt_lookup_num_tokens" in gu,
+        "assisted_batch1_only": "assisted generate is only supported for batch_size = 1" in gu,
+        "assisted_refuses_static_cache": bool(re.search(r"assisted generate is not supported with `?[Ss]tatic", gu)),
         "torchao_min": _first(r'^TORCHAO_MIN_VERSION = "([0-9.]+)"', iu),
         # the floor in is_flash_attn_2_available (4.36+), or in the module-level flag it reads (4.35)
         # torch floors of SDPA and flex attention (the last version is_torch_*_available compares with)
