@@ -69,7 +69,8 @@ class Capacity:
 
         max_ctx = space.model.max_positions if isinstance(space.model.max_positions, int) else 131072
         out: dict[str, Any] = {
-            "max_batch_size": largest(1, 4096, lambda b: fits(b, w.prompt_len)),
+            # prompt lookup (transformers' assisted decoding) takes one row per call (PROMPT-LOOKUP-BATCH)
+            "max_batch_size": 1 if cand.prompt_lookup else largest(1, 4096, lambda b: fits(b, w.prompt_len)),
             "max_prompt_len": largest(1, max(1, max_ctx - w.new_tokens), lambda p: fits(w.batch_size, p)),
             "model_max_positions": space.model.max_positions if isinstance(space.model.max_positions, int) else None,
             "calibration": round(factor, 3),

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="for an encoder (embedding) model: tokens per sequence (default 128); "
                    "--prompt-len/--new-tokens are for text generation")
     p.add_argument("--padding", action="store_true", help="rows of different lengths, padded (left for generation, right for an encoder)")
+    p.add_argument("--prompts", metavar="FILE", help="your own prompts (.txt one per line, .jsonl, or a .json list; the model's tokenizer "
+                   "is used): the prompt length is theirs, and prompt-lookup decoding, whose speed depends on the text, is measured on them")
     p.add_argument("--objective", choices=["throughput", "latency", "memory"], default="throughput")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
     p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
@@ -297,7 +299,7 @@ def _tune(args: argparse.Namespace) -> int:
                       candidate_timeout=args.timeout, progress=progress, report=True, headroom_gib=args.headroom, dtype=args.dtype,
                       attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
                       trust_remote_code=args.trust_remote_code, wait=args.wait, seq_len=args.seq_len, decode_loop=args.decode_loop,
-                      compile_modes=args.compile_modes, quality_tolerance=args.quality_tolerance,
+                      compile_modes=args.compile_modes, quality_tolerance=args.quality_tolerance, prompts=args.prompts,
                       say=lambda msg: print(f"autotune: {msg}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:

@@ -44,6 +44,9 @@ class Workload:
     new_tokens: int = 128  # for task "encode": 0
     padding: bool = False
     task: str = "generate"  # "generate": a causal LM's generate; "encode": one forward of an encoder (embeddings)
+    # the real prompts (--prompts FILE) text-dependent options are measured on, as "<file>: N prompts,
+    # sha256:<digest of their token ids>"; None: random tokens (what every other option's speed depends on)
+    prompts: str | None = None
 
     @property
     def seq_len(self) -> int:
@@ -80,6 +83,7 @@ class Candidate:
     torch_compile: Any = None  # runtime.compile: torch.compile's mode ("default", "reduce-overhead", ...) or None
     compile_mode: Any = None  # generate.compile_config.mode (transformers' CompileConfig; None: its default, reduce-overhead)
     decode_loop: Any = None  # runtime.decode_loop: "sync-free" (autotune.decode through custom_generate) or None (transformers' own)
+    prompt_lookup: Any = None  # generate.prompt_lookup_num_tokens: tokens proposed per step by prompt-lookup decoding (None: off)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -107,6 +111,8 @@ class Candidate:
             parts.append(f"{self.cache_implementation}-cache" + (f"+compile{mode}" if self.compile else ""))
         if self.decode_loop:
             parts.append(f"{self.decode_loop}-loop")
+        if self.prompt_lookup:
+            parts.append(f"prompt-lookup-{self.prompt_lookup}")
         if self.torch_compile:
             parts.append("torch.compile" + ("" if self.torch_compile == "default" else f"({self.torch_compile})"))
         if self.device_map not in (None, {"": 0}, "cuda", 0):
@@ -319,6 +325,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             if key in cc:
                 _bool(cc[key], f"generate.compile_config.{key}")
         kw["compile_mode"] = mode
+    if gen.get("prompt_lookup_num_tokens") is not None:
+        kw["prompt_lookup"] = _int(gen["prompt_lookup_num_tokens"], "generate.prompt_lookup_num_tokens")
     backend = rt.get("sdpa_backend")
     if backend is not None:
         if backend not in SDPA_BACKENDS:
@@ -370,6 +378,7 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             new_tokens=_int(w.get("new_tokens", 128), "autotune.workload.new_tokens", 0 if task == "encode" else 1),
             padding=_bool(w.get("padding", False), "autotune.workload.padding"),
             task=task,
+            prompts=w["prompts"] if isinstance(w.get("prompts"), str) else None,
         )
     kw["workload"] = workload
     if meta.get("tuned_on") is not None:
@@ -574,7 +583,8 @@ def decode_loop_of(cfg: Mapping[str, Any]) -> Any:
 def use_decode_loop(model: Any, loop: Any) -> None:
     """Make ``model.generate`` pass ``custom_generate=loop`` unless the caller passes its own
     (``custom_generate=None`` restores transformers' loop for one call) or a streamer, an
-    assistant model or synced GPUs: transformers 5.17 hands a callable ``custom_generate`` only
+    assistant model, synced GPUs or prompt lookup (in the call or the model's generation
+    config: assisted decoding, not the loop's): transformers 5.17 hands a callable ``custom_generate`` only
     the keywords its signature adds to ``_sample``'s (``_extract_generation_mode_kwargs``), so
     a streamer would be dropped silently; those calls keep transformers' loop."""
     import functools
@@ -583,7 +593,8 @@ def use_decode_loop(model: Any, loop: Any) -> None:
 
     @functools.wraps(plain)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if not any(kwargs.get(k) is not None for k in ("streamer", "assistant_model", "synced_gpus", "prompt_lookup_num_tokens")):
+        lookup = kwargs.get("prompt_lookup_num_tokens", getattr(model.generation_config, "prompt_lookup_num_tokens", None))
+        if lookup is None and not any(kwargs.get(k) is not None for k in ("streamer", "assistant_model", "synced_gpus")):
             kwargs.setdefault("custom_generate", loop)
         return plain(*args, **kwargs)
 

@@ -26,8 +26,8 @@ multinomial's distribution but not its random stream.
 
 What it does not handle — a streamer, beam search, ``return_dict_in_generate``, synced GPUs, a
 cache that is not a ``StaticCache``, a logits processor or stopping criterion other than those
-above — goes to ``_sample`` unchanged (the reason is logged once), so the hook never changes
-what a call means.
+above — goes to ``_sample`` unchanged (the reason is logged once), and prompt-lookup decoding to
+``_assisted_decoding``, so the hook never changes what a call means.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_
         return None, "return_dict_in_generate"
     if getattr(generation_config, "is_assistant", False) or model.config.is_encoder_decoder:
         return None, "an assistant or encoder-decoder model"
+    if generation_config.prompt_lookup_num_tokens is not None:
+        return None, "prompt-lookup decoding (transformers' assisted decoding runs it)"
     if not hasattr(model, "_prefill") or not hasattr(model, "_update_model_kwargs_for_generation"):
         return None, "this transformers has no GenerationMixin._prefill"
     plan: dict[str, Any] = {"do_sample": bool(generation_config.do_sample), "min_length": 0, "eos_min": None,
@@ -221,8 +223,11 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
         stats["fallbacks"] += 1
         stats["last_fallback"] = why
         _warn_once(why or "unsupported")
-        return GenerationMixin._sample(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                                       synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        # the decoding method generate would have chosen without the hook (a callable custom_generate
+        # replaces it): assisted decoding for prompt lookup (it needs no assistant model), else _sample
+        method = GenerationMixin._assisted_decoding if generation_config.prompt_lookup_num_tokens is not None else GenerationMixin._sample
+        return method(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                      synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     stats["runs"] += 1
     device = input_ids.device
     b, start = input_ids.shape

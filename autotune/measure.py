@@ -16,6 +16,12 @@ from .trial import STATUS_OK, Trial
 SCREEN_STEPS = 32
 
 
+def text_dependent(cfg: dict[str, Any]) -> bool:
+    """Whether a candidate's speed depends on what the prompts say, not only on their shape:
+    prompt-lookup decoding accepts as many tokens per forward as the prompt predicts."""
+    return bool((cfg.get("generate") or {}).get("prompt_lookup_num_tokens"))
+
+
 class OnBench:
     """What a tuner exposes of its :class:`Bench`: the trials, when the tune started, and a
     search run so that Ctrl-C keeps what was measured."""
@@ -53,8 +59,12 @@ class Bench:
     def __init__(self, model_path: str, workload: Workload, *, runner: Any, cache: Any = None, reps: int = 3,
                  faults: dict[str, str] | None = None, progress: Callable[[str, int, int], None] | None = None,
                  candidate_timeout: float | None = None, time_budget: float | None = None,
-                 max_memory: dict[str, int] | None = None) -> None:
+                 max_memory: dict[str, int] | None = None, prompt_ids: Any = None) -> None:
+        """``prompt_ids``: the token ids of the user's prompts (``--prompts``), timed by the
+        candidates whose speed depends on the text (:func:`text_dependent`); every other
+        candidate decodes random tokens of the same shape, at the same speed."""
         self.path = model_path
+        self.prompt_ids = [list(p) for p in prompt_ids] if prompt_ids else None
         self.workload = workload
         self.runner = runner
         self.cache = cache
@@ -101,6 +111,12 @@ class Bench:
         return next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(label, k)), None)
 
     def spec(self, t: Trial) -> dict[str, Any]:
+        spec = self._spec(t)
+        if self.prompt_ids and text_dependent(t.config):
+            spec["prompt_ids"] = self.prompt_ids
+        return spec
+
+    def _spec(self, t: Trial) -> dict[str, Any]:
         return {
             "model": self.path,
             "label": t.label,

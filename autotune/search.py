@@ -54,6 +54,10 @@ SCREEN_BLIND = frozenset({"flex_attention"})
 # it leads by this factor (dynamic-cache runs move +-20 % between processes, compiled ones ~10 %).
 DECISIVE = {"eager": 1.25, "compiled": 1.10}
 DECODE_LOOPS = ("auto", "transformers", "sync-free")
+# prompt_lookup_num_tokens tried: the method's reference code proposes 10 (apoorvumang/prompt-lookup-decoding,
+# find_candidate_pred_tokens(num_pred_tokens=10)); llama-cpp-python's README advises 10 on a GPU and 2 on a
+# CPU, where each proposed token costs its share of the verifying forward
+PROMPT_LOOKUP_TOKENS = (2, 10)
 
 
 class Search:
@@ -105,6 +109,7 @@ class Search:
                 why = "--cache dynamic" if self.fixed.get("cache") == "dynamic" else "the memory objective (quantized models do not compile)"
                 self.notes.append(f"compiled static cache not searched: {why}")
             self.eager_search(baseline, static_uncompiled=self.fixed.get("cache") != "dynamic")
+        self.prompt_lookup()
         self.quantize()
         self.placements()
         self.head_to_head()
@@ -280,6 +285,41 @@ class Search:
 
     def held_spares(self) -> list[Trial]:
         return [t for t in self.bench.trials if t.label in self.spares]
+
+    # ---- decoding that depends on the text
+    def prompt_lookup(self) -> None:
+        """Prompt-lookup decoding (``prompt_lookup_num_tokens`` in :data:`PROMPT_LOOKUP_TOKENS`)
+        of the best dynamic-cache candidate, measured on the user's prompts only (``--prompts``):
+        one forward verifies the tokens that followed the last n-gram's earlier occurrence in the
+        prompt, so the gain is the share of the output the prompt already holds. It runs through
+        transformers' assisted decoding: a dynamic cache (no compiled static cache, no sync-free
+        loop) and one row per call; the rules drop it where that does not hold."""
+        sp = self.space
+        if not sp.workload.prompts:
+            self.notes.append("prompt-lookup decoding not measured: its speed depends on the text (how much of the output the "
+                              "prompt already holds); give your prompts with --prompts FILE (batch size 1)")
+            return
+        if self.fixed.get("cache") == "static":
+            self.notes.append("prompt-lookup decoding not measured: it needs the dynamic cache, and --cache static pins the static one")
+            return
+        dynamic = [t for t in self.bench.trials if t.status == STATUS_OK and t.stage in ("attention", "dtype")
+                   and not t.config["generate"].get("cache_implementation")]
+        src = max(dynamic, key=self.judge.score, default=None)  # the fastest: each lookup candidate is that one plus lookup
+        if src is not None:
+            fp, rt = src.config["from_pretrained"], src.config["runtime"]
+            dtype, attn, backend = fp["dtype"], fp.get("attn_implementation") or "sdpa", rt.get("sdpa_backend")
+        else:  # the compiled regime measured no dynamic-cache candidate but transformers' default
+            dtype, attn, backend = self.fixed.get("dtype", sp.half), self.fixed.get("attention", "sdpa"), None
+        trials = self.bench.add([sp.make("prompt lookup", dtype, attn, backend=backend, lookup=n) for n in PROMPT_LOOKUP_TOKENS])
+        for t in trials:
+            if t.status == "planned" and self.spares and not self.overlap_fits([t] + self.held_spares()):
+                self.bench.cancel(self.spares)
+            self.bench.measure(t)
+        for t in trials:
+            pl = t.metric("prompt_lookup") or {}
+            if t.status == STATUS_OK and pl:
+                same = "the same tokens as" if pl.get("tokens_equal") else f"{pl.get('agree_tokens')} of {pl.get('of')} leading tokens equal to"
+                self.notes.append(f"{t.label}: {pl.get('tokens_per_forward')} tokens per forward on your prompts; {same} greedy decoding without it")
 
     # ---- the eager regime
     def eager_search(self, baseline: Trial, *, static_uncompiled: bool) -> None:

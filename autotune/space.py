@@ -39,9 +39,10 @@ TORCHAO_KINDS = {
 
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
                      quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None,
-                     loop: str | None = None, compile_mode: str | None = None) -> dict[str, Any]:
+                     loop: str | None = None, compile_mode: str | None = None, lookup: int | None = None) -> dict[str, Any]:
     """A candidate as a config dict (the contract's three parts). ``loop``: runtime.decode_loop;
-    ``compile_mode``: generate.compile_config.mode (None: transformers' default)."""
+    ``compile_mode``: generate.compile_config.mode (None: transformers' default); ``lookup``:
+    generate.prompt_lookup_num_tokens (prompt-lookup decoding)."""
     fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if device_map is not None:
         fp["device_map"] = device_map
@@ -62,6 +63,8 @@ def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache
         gen["disable_compile"] = not compile_
         if compile_ and compile_mode:
             gen["compile_config"] = {"mode": compile_mode}
+    if lookup:
+        gen["prompt_lookup_num_tokens"] = lookup
     rt: dict[str, Any] = {"sdpa_backend": backend}
     if loop:
         rt["decode_loop"] = loop
@@ -80,6 +83,7 @@ def simplicity(c: Candidate) -> int:
     s += (1 if c.compile else 3) if c.cache_implementation else 0
     s += 1 if c.compile_mode not in (None, "reduce-overhead") else 0  # a longer compile
     s += 1 if c.decode_loop else 0  # autotune's code in the user's generate
+    s += 1 if c.prompt_lookup else 0  # one row per call, and a gain that depends on the text
     return s + placement_cost(c)
 
 
@@ -280,9 +284,10 @@ class Space:
         return out
 
     def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
-             compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None) -> Trial:
+             compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None,
+             lookup: int | None = None) -> Trial:
         base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None,
-                                loop=loop, compile_mode=compile_mode)
+                                loop=loop, compile_mode=compile_mode, lookup=lookup)
         return self.place(stage, base)
 
     def place(self, stage: str, cfg: dict[str, Any]) -> Trial:

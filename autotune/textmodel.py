@@ -174,6 +174,32 @@ def heldout_windows(model_dir: str | Path, length: int = 256, count: int = 32) -
     return windows(token_stream(tok, files, length * count * 4), length, count)
 
 
+def heldout_prompts(model_dir: str | Path, path: str | Path, *, count: int = 8, tokens: int = 256, skip: int = 0) -> list[str]:
+    """Write ``count`` real prompts to ``path`` (.jsonl, one JSON string a line, what ``autotune
+    tune --prompts`` reads): the first ``tokens`` tokens of held-out files (never trained on) of
+    at least twice that length, after the first ``skip`` such files; returns them."""
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(d)
+    files = [Path(line) for line in (d / "heldout.txt").read_text(encoding="utf-8").splitlines() if line]
+    out: list[str] = []
+    seen = 0
+    for text in read_texts(files):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 2 * tokens:
+            continue
+        seen += 1
+        if seen > skip:
+            out.append(tok.decode(ids[:tokens]))
+        if len(out) == count:
+            break
+    if not out:
+        raise ValueError(f"no held-out file of {2 * tokens} tokens or more in {d / 'heldout.txt'}")
+    Path(path).write_text("".join(json.dumps(t) + "\n" for t in out), encoding="utf-8")
+    return out
+
+
 def perplexity(model: Any, ids: Any, batch: int = 8) -> float:
     """exp(mean next-token NLL) over every position of ``ids`` (teacher-forced)."""
     import torch

@@ -105,8 +105,11 @@ class Tuner(OnBench):
         decode_loop: str = "auto",
         compile_modes: tuple[str, ...] = ("reduce-overhead",),
         quality_tolerance: float = QUALITY_TOLERANCE,
+        prompts: Any = None,
     ) -> None:
         """``model``: the already-read :class:`ModelSpec` of ``model_path`` (else it is read here).
+        ``prompts``: the user's :class:`~autotune.prompts.Prompts`, on which text-dependent
+        options (prompt-lookup decoding) are measured.
         ``faults`` (tests only) maps a glob over candidate labels to crash / hang / oom / corrupt.
         ``fixed`` pins axes the caller has decided: {"dtype": ..., "attention": ..., "cache": "dynamic" | "static"}.
         ``headroom_gib``: per GPU, kept free beyond the estimate when max_memory is derived for a device_map split."""
@@ -118,7 +121,10 @@ class Tuner(OnBench):
         self.space = Space(self.model, facts, workload, max_memory=max_memory, headroom_gib=headroom_gib, fixed=fixed)
         self.space.trust_remote_code = trust_remote_code
         self.bench = Bench(self.path, workload, runner=runner, cache=cache, reps=reps, faults=faults, progress=progress,
-                           candidate_timeout=candidate_timeout, time_budget=time_budget, max_memory=max_memory)
+                           candidate_timeout=candidate_timeout, time_budget=time_budget, max_memory=max_memory,
+                           prompt_ids=prompts.ids if prompts is not None else None)
+        if prompts is not None:
+            self.notes += prompts.notes()
         self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes,
                              decode_loop=decode_loop, compile_modes=compile_modes)
         self.check_capacity = check_capacity
@@ -230,6 +236,7 @@ def tune(
     decode_loop: str = "auto",
     compile_modes: str | tuple[str, ...] = ("reduce-overhead",),
     quality_tolerance: float = QUALITY_TOLERANCE,
+    prompts: str | Path | None = None,
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -251,6 +258,11 @@ def tune(
     tuple, or a comma-separated string) adds torch.compile modes beyond transformers' default
     reduce-overhead, and torchao weight-only quantization may be picked only within
     ``quality_tolerance`` (mean KL to the unquantized reference, nats).
+
+    ``prompts``: a file of the user's own prompts (see :mod:`autotune.prompts`), tokenized with the
+    model's tokenizer; then the prompt length is theirs (the longest, each cut to its last
+    ``prompt_len`` tokens where that is given), and prompt-lookup decoding, whose speed depends on
+    the text, is measured on them (batch size 1).
     """
     import math
 
@@ -293,6 +305,23 @@ def tune(
         raise UserError("--seq-len is for encoder (embedding) models; for a causal LM give --prompt-len and --new-tokens")
     else:
         workload = Workload(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, padding=padding)
+    real_prompts = None
+    if prompts is not None:
+        if encoder:
+            raise UserError("--prompts is for text generation: an encoder model is tuned on batches of --seq-len tokens")
+        if facts is not None and facts.source != "probe":
+            raise UserError("--prompts needs measuring on this machine: it cannot be used with --target or --facts")
+        from . import prompts as prompts_mod
+
+        # each prompt cut to its last --prompt-len tokens where that is given, else to what the positions leave
+        positions = read_model(path).max_positions
+        if "--prompt-len" in gen_lengths:
+            cut: int | None = prompt_len
+        else:
+            cut = positions - new_tokens if isinstance(positions, int) and positions > new_tokens else None
+        real_prompts = prompts_mod.load(prompts, path, prompt_len=cut, trust_remote_code=trust_remote_code)
+        prompt_len = real_prompts.longest
+        workload = dataclasses.replace(workload, prompt_len=prompt_len, padding=padding or batch_size > 1, prompts=real_prompts.describe())
     budget = parse_max_memory(max_memory) if max_memory else None
     if facts is not None and facts.source != "probe" and encoder:
         raise UserError("tuning an encoder model for another machine (--target/--facts) is not supported: run autotune tune on that machine")
@@ -348,7 +377,7 @@ def tune(
                               max_memory=budget, min_throughput=min_throughput, reps=reps, runner=runner, cache=cache, faults=faults,
                               progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
                               check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code, decode_loop=decode_loop,
-                              compile_modes=tuple(compile_modes), quality_tolerance=quality_tolerance)
+                              compile_modes=tuple(compile_modes), quality_tolerance=quality_tolerance, prompts=real_prompts)
             tuner.start = t0 + lock.waited_s
             result = tuner.run()
             if cache is not None and result.pick is not None:

@@ -69,6 +69,47 @@ class _StepClock:
         return self.torch.zeros(input_ids.shape[0], dtype=self.torch.bool, device=input_ids.device)
 
 
+class _ChunkClock:
+    """A streamer that records when each chunk of new tokens reaches the host and how many new
+    tokens there are by then (``put`` gets them on the CPU, so the GPU has made them). generate
+    puts the prompt first; then each step's tokens: one per step, or with prompt lookup the
+    tokens one forward verified."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.counts: list[int] = []
+        self._prompt = True
+
+    def put(self, value: Any) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self.times.append(time.perf_counter())
+        n = int(value.shape[-1]) if value.dim() > 1 else 1  # (batch, k) verified tokens, or (batch,) one token
+        self.counts.append((self.counts[-1] if self.counts else 0) + n)
+
+    def end(self) -> None:
+        pass
+
+
+def prompt_batches(torch: Any, prompt_ids: list[list[int]], workload: dict[str, Any], device: Any) -> list[tuple[Any, Any]]:
+    """The user's prompts as batches of ``batch_size`` rows, each left-padded (id 0, masked) to
+    the workload's prompt length, so every generate has one shape; prompts are taken in turn,
+    from the first again where the last batch would be short."""
+    b, n = workload["batch_size"], workload["prompt_len"]
+    rows = [list(p)[-n:] for p in prompt_ids]
+    out = []
+    for g in range(-(-len(rows) // b)):
+        group = [rows[(g * b + j) % len(rows)] for j in range(b)]
+        ids = torch.zeros(b, n, dtype=torch.long)
+        mask = torch.zeros(b, n, dtype=torch.long)
+        for j, r in enumerate(group):
+            ids[j, n - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[j, n - len(r):] = 1
+        out.append((ids.to(device), mask.to(device)))
+    return out
+
+
 class _StopAfter:
     """A stopping criterion that ends generation after ``n`` new tokens."""
 
@@ -452,34 +493,51 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     _sync(torch)
     load_s = time.perf_counter() - t0
     ids, mask = make_inputs(torch, vocab, w, spec.get("seed", 0), device)
+    # what the timed runs decode: the random rows, or the user's prompts for a candidate whose
+    # speed depends on the text (one generate per batch of them, each timed run)
+    batches = prompt_batches(torch, spec["prompt_ids"], w, device) if spec.get("prompt_ids") else [(ids, mask)]
     gen = generate_kwargs(cfg)  # a compile_config becomes transformers' CompileConfig
     n_new = w["new_tokens"]
     base = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0, **gen)
     loop = decode_loop_of(cfg)
+    lookup = gen.get("prompt_lookup_num_tokens")
 
-    def generate(**extra: Any) -> tuple[Any, list[float], float]:
-        """One timed generate: (sequences, when each new token was ready, start). With the
-        sync-free loop only the first token's time and the end are taken (a clock on every token
-        would put back the host sync the loop removes)."""
-        kw = {**base, **extra}
+    def generate(rows: Any = None, **extra: Any) -> tuple[Any, list[float], int, float]:
+        """One timed generate of ``rows`` (ids, mask; default the first batch): (sequences, when
+        new tokens reached the host, how many there were at the first of those times, start).
+        Each token is clocked, except with the sync-free loop (only the first token and the end:
+        a clock on every token would put back the host sync the loop removes) and with prompt
+        lookup (each verified chunk: one forward yields one to N+1 tokens)."""
+        x, m = rows if rows is not None else batches[0]
+        kw = {**base, "attention_mask": m, **extra}
         times: list[float] = []
+        first_count = 1
+        clock: Any = None
         if loop is not None:
             def first() -> None:
                 _sync(torch)
                 times.append(time.perf_counter())
             kw.update(custom_generate=loop, first_token_hook=first)
-        else:
-            clock = _StepClock(torch)
-            kw["stopping_criteria"] = kw.get("stopping_criteria", []) + [clock]
+        elif lookup:
+            clock = kw["streamer"] = _ChunkClock()
             times = clock.times
+        else:
+            step_clock = _StepClock(torch)
+            kw["stopping_criteria"] = kw.get("stopping_criteria", []) + [step_clock]
+            times = step_clock.times
         _sync(torch)
         start = time.perf_counter()
         with torch.inference_mode():
-            seq = model.generate(ids, **kw)
+            seq = model.generate(x, **kw)
         _sync(torch)
         if loop is not None:
             times.append(time.perf_counter())
-        return seq, times, start
+        if clock is not None:
+            first_count = clock.counts[0] if clock.counts else n_new
+            forwards.append(len(clock.counts))
+        return seq, times, first_count, start
+
+    forwards: list[int] = []  # with prompt lookup: the target model's forwards per generate
 
     if spec.get("capacity"):
         return _capacity_check(torch, model, vocab, base, w, spec, device)
@@ -516,15 +574,23 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                 speeds = [r["decode_tok_s"] for r in runs]
                 if (max(speeds) - min(speeds)) <= spec.get("rep_spread", 0.10) * statistics.median(speeds):
                     break
-            seq, times, start = generate()
-            produced = seq.shape[1] - ids.shape[1]
-            if produced != n_new:
-                raise RuntimeError(f"generated {produced} tokens, expected {n_new} (min_new_tokens not honoured)")
-            ttft = times[0] - start
-            total = times[-1] - start
-            itl = [b - a for a, b in zip(times, times[1:])] if loop is None else []  # per token only where each is clocked
-            decode = (w["batch_size"] * (n_new - 1) / (times[-1] - times[0])) if n_new > 1 else float("nan")
-            runs.append({"ttft_s": ttft, "total_s": total, "decode_tok_s": decode, "itl_s": itl})
+            # one generate per batch; decode tok/s over all of them (the tokens after each call's
+            # first, over the time after it), TTFT and end-to-end per call
+            decoded, span, ttfts, totals, itl = 0, 0.0, [], [], []
+            forwards.clear()
+            for rows in batches:
+                seq, times, first_count, start = generate(rows)
+                produced = seq.shape[1] - rows[0].shape[1]
+                if produced != n_new:
+                    raise RuntimeError(f"generated {produced} tokens, expected {n_new} (min_new_tokens not honoured)")
+                ttfts.append(times[0] - start)
+                totals.append(times[-1] - start)
+                decoded += rows[0].shape[0] * (n_new - first_count)
+                span += times[-1] - times[0]
+                if loop is None and not lookup:  # per token only where each is clocked
+                    itl += [b - a for a, b in zip(times, times[1:])]
+            decode = decoded / span if decoded > 0 and span > 0 else float("nan")
+            runs.append({"ttft_s": statistics.fmean(ttfts), "total_s": statistics.fmean(totals), "decode_tok_s": decode, "itl_s": itl})
     recompiled = _dynamo_graphs(torch) - graphs_before
     if graphs_before >= 0 and recompiled > 0:
         raise RuntimeError(f"torch.compile recompiled {recompiled} time(s) during the timed runs: timings rejected")
@@ -547,7 +613,9 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if not cuda:
         res["contention"] = cpu_contention()
     if loop is not None:
-        res["decode_loop"] = _loop_check(torch, model, ids, base, seq)
+        res["decode_loop"] = _loop_check(torch, model, batches[-1][0], {**base, "attention_mask": batches[-1][1]}, seq)
+    if lookup:
+        res["prompt_lookup"] = _lookup_check(torch, model, batches[-1], base, seq, lookup, forwards, n_new, bool(spec.get("prompt_ids")))
     res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -555,9 +623,13 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
     # quality: raw logits over several steps on a fixed token history (not timed). A static
     # cache keeps the measured length (another length would make a compiled one recompile).
+    # Prompt lookup changes which tokens share a forward, not the weights or kernels: its logits
+    # are taken one token at a time (assisted decoding calls a logits processor once per
+    # proposed token, so forced tokens cannot be fed through it); its tokens were checked above.
     steps = min(spec.get("quality_steps", 4), n_new)
     graphs_q = _dynamo_graphs(torch)
-    logits = _forced_logits(torch, model, ids, base, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes, loop=loop)
+    plain = {k: v for k, v in base.items() if k != "prompt_lookup_num_tokens"}
+    logits = _forced_logits(torch, model, ids, plain, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes, loop=loop)
     if compiled and graphs_q >= 0:  # a compiled candidate's quality pass should reuse its graph (0), not compile anew
         res["quality_pass_graphs"] = _dynamo_graphs(torch) - graphs_q
     if spec.get("fault") == "corrupt":
@@ -568,6 +640,29 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return res
 
 
+def _lookup_check(torch: Any, model: Any, rows: tuple[Any, Any], base: dict[str, Any], seq: Any, lookup: int, forwards: list[int],
+                  n_new: int, real: bool) -> dict[str, Any]:
+    """Prompt lookup's greedy tokens (the last timed generate) against plain greedy decoding of
+    the same rows (not timed), and how many tokens one forward yielded (the gain)."""
+    x, m = rows
+    plain = {k: v for k, v in base.items() if k != "prompt_lookup_num_tokens"}
+    with torch.inference_mode():
+        ref = model.generate(x, **{**plain, "attention_mask": m})
+    return {"num_tokens": lookup, "tokens_per_forward": round(x.shape[0] * n_new * len(forwards) / max(sum(forwards), 1), 3),
+            "forwards": list(forwards), "prompts": "real" if real else "random tokens", **_agreement(torch, seq, ref, x.shape[1]),
+            "against": "greedy decoding without prompt lookup, same weights"}
+
+
+def _agreement(torch: Any, seq: Any, ref: Any, n: int) -> dict[str, Any]:
+    """Two generations' new tokens (after the ``n`` prompt columns): equal, or how many leading
+    tokens agree in every row."""
+    a, b = seq[:, n:].cpu(), ref[:, n:].cpu()
+    width = min(a.shape[1], b.shape[1])
+    diff = (a[:, :width] != b[:, :width]).any(dim=0).nonzero()
+    return {"tokens_equal": bool(a.shape == b.shape and torch.equal(a, b)), "agree_tokens": int(diff[0]) if len(diff) else width,
+            "of": int(max(a.shape[1], b.shape[1]))}
+
+
 def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any) -> dict[str, Any]:
     """The sync-free loop's greedy tokens (its last timed run) against transformers' own loop on
     the same model, uncompiled (not timed): equal, or how many leading tokens agree in every row."""
@@ -575,13 +670,8 @@ def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any
 
     with torch.inference_mode():
         ref = model.generate(ids, **{**base, "disable_compile": True}, custom_generate=None)
-    n = ids.shape[1]
-    a, b = seq[:, n:].cpu(), ref[:, n:].cpu()
-    width = min(a.shape[1], b.shape[1])
-    diff = (a[:, :width] != b[:, :width]).any(dim=0).nonzero()
-    agree = int(diff[0]) if len(diff) else width
-    return {"name": decode.NAME, "runs": decode.stats["runs"], "tokens_equal": bool(a.shape == b.shape and torch.equal(a, b)),
-            "agree_tokens": agree, "of": int(max(a.shape[1], b.shape[1])), "against": "transformers' generate, uncompiled, same weights"}
+    return {"name": decode.NAME, "runs": decode.stats["runs"], **_agreement(torch, seq, ref, ids.shape[1]),
+            "against": "transformers' generate, uncompiled, same weights"}
 
 
 def encoder_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> dict[str, Any]:
