@@ -29,20 +29,28 @@ class RuleFileError(ValueError):
         self.problem = problem
 
 
-def read_json_file(path: object, kind: str, error: type[UserError] = UserError) -> object:
-    """Read a JSON file named by the user; every problem is ``error`` with one clear line."""
-    import json
+def read_text_file(path: object, kind: str, error: type[UserError] = UserError) -> str:
+    """Read a UTF-8 text file named by the user; every problem is ``error`` with one clear line."""
     from pathlib import Path
 
     p = Path(str(path))
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an error
+        return p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an error
     except FileNotFoundError:
         raise error(f"{kind} file not found: {p}") from None
     except IsADirectoryError:
         raise error(f"{kind} file is a directory: {p}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {kind} file {p}: {e}") from None
+
+
+def read_json_file(path: object, kind: str, error: type[UserError] = UserError) -> object:
+    """Read a JSON file named by the user; every problem is ``error`` with one clear line."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path))
+    text = read_text_file(p, kind, error)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

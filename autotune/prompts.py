@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, read_json_file, read_text_file
 
 # Prompts measured at most (each is one generate of every timed run of a text-dependent candidate)
 MAX_PROMPTS = 8
@@ -71,25 +71,14 @@ def _entry(value: Any, where: str) -> str:
 def read_texts(path: str | Path) -> list[str]:
     """The prompts in ``path``, as text (see the module's docstring for the formats)."""
     p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--prompts: file not found: {p}") from None
-    except IsADirectoryError:
-        raise UserError(f"--prompts: {p} is a folder; give a file of prompts (.txt, .jsonl or .json)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts: cannot read {p} as UTF-8 text ({type(e).__name__})") from None
     if p.suffix == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--prompts: {p.name} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        data = read_json_file(p, "--prompts")
         if not isinstance(data, list):
             raise UserError(f"--prompts: {p.name} must hold a JSON list of prompts, found {type(data).__name__}")
         texts = [_entry(v, f"--prompts: {p.name} item {i + 1}") for i, v in enumerate(data)]
     elif p.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        for n, line in enumerate(read_text_file(p, "--prompts").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -98,7 +87,7 @@ def read_texts(path: str | Path) -> list[str]:
                 raise UserError(f"--prompts: {p.name} line {n} is not valid JSON ({e.msg})") from None
             texts.append(_entry(value, f"--prompts: {p.name} line {n}"))
     else:
-        texts = [line for line in raw.splitlines() if line.strip()]
+        texts = [line for line in read_text_file(p, "--prompts").splitlines() if line.strip()]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise UserError(f"--prompts: {p.name} holds no prompt")

@@ -1,0 +1,80 @@
+"""Prompt-lookup decoding measured by the tune itself, on a model trained here and prompts from
+text it never saw (held-out stdlib files), as a user runs it: ``autotune tune MODEL --prompts FILE``.
+
+    python benchmarks/prompt_lookup.py --out DIR                        # CPU: train the default model's shape 240 s, tune
+    python benchmarks/prompt_lookup.py --model DIR/model --out DIR      # reuse a model train wrote
+    PYTHONPATH=. python3 benchmarks/prompt_lookup.py --shape 1.1b --seconds 240 --out DIR   # a GPU: the 1.1 B shape
+
+Writes DIR/model (with autotune-train.json), DIR/prompts.jsonl, DIR/tune.json (the tune's whole
+report) and prints each candidate's decode rate, TTFT and, for prompt lookup, tokens per
+forward and whether its greedy tokens equal plain decoding's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # the built-in default's shape (autotune.tuner.default_model), with a 4,096-token BPE
+    "small": dict(shape=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+                  vocab_size=4096, seq_len=128, batch_size=16, lr=2e-3, limit_files=3000),
+    "1.1b": dict(shape="LLAMA_1_1B", vocab_size=32000, seq_len=512, batch_size=16, lr=6e-4, site_packages=True, max_tokens=40_000_000,
+                 tokenizer_files=3000),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--model", type=Path, help="a folder textmodel.train wrote (skips training)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--seconds", type=float, default=240.0, help="training time")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from autotune import textmodel
+
+    model = args.model or args.out / "model"
+    if args.model is None:
+        kw = dict(SHAPES[args.shape])
+        if isinstance(kw["shape"], str):
+            kw["shape"] = getattr(textmodel, kw["shape"])
+        stats = textmodel.train(model, seconds=args.seconds, log=lambda m: print(m, flush=True), **kw)
+        print(json.dumps(stats), flush=True)
+    prompts = args.out / "prompts.jsonl"
+    textmodel.heldout_prompts(model, prompts, count=args.prompts, tokens=args.prompt_tokens)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "autotune", "tune", str(model), "--prompts", str(prompts), "--new-tokens", str(args.new_tokens),
+           "--no-cache", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if p.returncode != 0:
+        print(p.stderr[-3000:], file=sys.stderr)
+        return p.returncode
+    report = json.loads(p.stdout)
+    (args.out / "tune.json").write_text(json.dumps(report, indent=1))
+    print(f"$ {' '.join(cmd[1:])}   ({time.perf_counter() - t0:.1f} s)")
+    print(f"pick: {report['pick']}")
+    for t in report["trials"]:
+        s = t.get("summary") or {}
+        pl = next((m.get("prompt_lookup") for m in reversed(t["measurements"]) if m.get("prompt_lookup")), None)
+        extra = ""
+        if pl:
+            same = "equal" if pl["tokens_equal"] else f"{pl['agree_tokens']} of {pl['of']} equal"
+            extra = f"  {pl['tokens_per_forward']} tokens/forward, greedy tokens {same}"
+        print(f"{t['label']:52} {t['status']:12} {s.get('decode_tok_s') or '':>8} tok/s  TTFT {s.get('ttft_ms') or '':>6} ms{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
