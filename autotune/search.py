@@ -330,13 +330,6 @@ class Search:
         bench.add([baseline])
         for t in bench.add(stage1):
             bench.measure(t)
-        if not baseline.results:
-            twin = self.baseline_twin(baseline, stage1)
-            if twin is not None:
-                baseline.results, baseline.status = twin.results, twin.status
-                baseline.reason = f"same configuration as '{twin.label}' on transformers {sp.facts.package('transformers')}: measured once"
-            else:
-                bench.measure(baseline)
         best_attn = judge.best(stage1, margin=STAGE_MARGIN)
         if best_attn is None:
             self.notes.append("no attention implementation ran at the preferred dtype; trying float32")
@@ -347,6 +340,7 @@ class Search:
         stage2 = [sp.make("dtype", d, attn, backend=backend) for d in dtypes if d != first]
         for t in bench.add(stage2):
             bench.measure(t)
+        self.measure_baseline(baseline, stage1 + stage2)
         best_dtype = judge.best(stage1 + stage2, margin=STAGE_MARGIN)
         dtype = best_dtype.config["from_pretrained"]["dtype"] if best_dtype else first
         if best_dtype:
@@ -357,6 +351,19 @@ class Search:
             # CUDA when compiling failed; same regime as the dynamic runs it is compared with
             for t in bench.add([sp.make("cache", dtype, attn, backend=backend, cache="static", compile_=False)]):
                 bench.measure(t)
+
+    def measure_baseline(self, baseline: Trial, trials: list[Trial]) -> None:
+        """transformers' default, measured — unless one of ``trials`` is the same configuration:
+        then it shares that one's measurements (one configuration measured twice would show two
+        speeds for one thing, and a pick "slower than the default" that is the default)."""
+        if baseline.results:
+            return
+        twin = self.baseline_twin(baseline, trials)
+        if twin is not None:
+            baseline.results, baseline.status = twin.results, twin.status
+            baseline.reason = f"same configuration as '{twin.label}' on transformers {self.space.facts.package('transformers')}: measured once"
+        else:
+            self.bench.measure(baseline)
 
     def baseline_twin(self, baseline: Trial, trials: list[Trial]) -> Trial | None:
         """transformers 5.x defaults (checkpoint dtype, sdpa, dynamic cache) may equal a candidate."""

@@ -552,3 +552,20 @@ def test_torchao_is_dropped_without_the_package_and_measured_only_when_asked(lla
 def _mk(path):
     path.mkdir()
     return path
+
+
+@pytest.mark.parametrize("flags, first", [(["avx2", "fma", "f16c"], "float32"), (["avx2", "avx512f", "avx512_bf16"], "bfloat16")])
+def test_transformers_default_is_measured_once_when_a_candidate_is_the_same_configuration(llama, flags, first):
+    """A bf16 checkpoint on transformers 5.x: the default (checkpoint dtype, sdpa, dynamic cache) is
+    the bf16 sdpa candidate, found in the attention stage on a bf16 CPU and in the dtype stage on
+    one without bf16 instructions (float32 first): it shares that one's runs, never measured apart."""
+    import dataclasses
+
+    facts = load_target("cpu")
+    facts = dataclasses.replace(facts, host={**facts.host, "cpu_flags": flags})
+    runner = RegimeRunner()
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=runner, check_capacity=False).run()
+    assert {key(t.config)[0] for t in r.trials if t.stage == "attention"} == {first}
+    assert not [s for s in runner.specs if s["label"].startswith("baseline")], "the default was not run on its own"
+    twin = next(t for t in r.trials if key(t.config) == ("bfloat16", "sdpa") and t.stage in ("attention", "dtype"))
+    assert r.baseline.results is twin.results and "measured once" in r.baseline.reason
