@@ -95,7 +95,14 @@ def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_
     if max_length is None:
         return None, "no maximum length"
     plan["max_length"], plan["eos"] = max_length, eos
-    cache = model_kwargs.get("past_key_values")
+    # the cache's name: "past_key_values" in generate's kwargs, the model's forward and the mask
+    # builder up to 5.23, "cache" from 5.24 (each release's own signatures say which)
+    plan["cache_key"] = "cache" if "cache" in model_kwargs else "past_key_values"
+    plan["forward_cache"] = _cache_param(model.forward)
+    from transformers.masking_utils import create_masks_for_generate
+
+    plan["mask_cache"] = _cache_param(getattr(model, "create_masks_for_generate", create_masks_for_generate))
+    cache = model_kwargs.get(plan["cache_key"])
     from transformers.cache_utils import StaticCache
 
     if cache is not None and not isinstance(cache, StaticCache):
@@ -107,6 +114,16 @@ def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_
     if model_kwargs.get("inputs_embeds") is not None:
         return None, "inputs_embeds"
     return plan, None
+
+
+def _cache_param(fn: Any) -> str:
+    """The name ``fn`` takes the KV cache by: ``cache`` (transformers 5.24+) or ``past_key_values``."""
+    import inspect
+
+    try:
+        return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def _choose(torch: Any, logits: Any, suppress: Any, plan: dict[str, Any]) -> Any:
@@ -147,8 +164,8 @@ def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: A
     make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
     b = tok.shape[0]
     mask = make_mask(config=model.config, inputs_embeds=torch.empty((b, 1, 0), dtype=model.dtype, device=tok.device),
-                     attention_mask=mask2d, past_key_values=cache, position_ids=pos, is_first_iteration=False)
-    out = model(input_ids=tok[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, return_dict=True)
+                     attention_mask=mask2d, position_ids=pos, is_first_iteration=False, **{plan["mask_cache"]: cache})
+    out = model(input_ids=tok[:, None], position_ids=pos, attention_mask=mask, use_cache=True, return_dict=True, **{plan["forward_cache"]: cache})
     logits = out.logits[:, -1].to(dtype=torch.float32)
     nxt = _choose(torch, logits, suppress, plan)
     if eos is not None:
@@ -242,7 +259,7 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     # the prefill, exactly as _sample runs it (uncompiled; it fills the static cache)
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-    cache = model_kwargs["past_key_values"]
+    cache = model_kwargs[plan["cache_key"]]
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
     del outputs
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
