@@ -46,6 +46,7 @@ def minilm_tuned(minilm):
     return tune(minilm, **SMALL)
 
 
+@pytest.mark.slow
 def test_the_real_minilm_is_an_encoder_and_is_tuned_for_its_forward(minilm, minilm_tuned):
     assert model_kind(minilm) == "encoder"
     r = minilm_tuned
@@ -65,6 +66,7 @@ def test_the_real_minilm_is_an_encoder_and_is_tuned_for_its_forward(minilm, mini
     assert r.pick.median("seq_s") >= max(t.median("seq_s") or 0 for t in measured if t.status == "ok") * 0.9
 
 
+@pytest.mark.slow
 def test_the_picked_config_loads_with_autotune_load_and_embeds_like_float32(minilm, minilm_tuned):
     import torch
     from transformers import AutoModel
@@ -82,6 +84,7 @@ def test_the_picked_config_loads_with_autotune_load_and_embeds_like_float32(mini
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
 
 
+@pytest.mark.slow
 def test_padded_batches_and_a_corrupted_candidate(tiny_bert):
     r = tune(tiny_bert, batch_size=4, seq_len=24, padding=True, use_cache=False, report=True, reps=2, faults={"float16 sdpa*": "corrupt"})
     bad = next(t for t in r.trials if t.label.startswith("float16 sdpa"))

@@ -251,6 +251,7 @@ def test_launch_nproc_spellings():
         parse_config({"from_pretrained": {}, "runtime": {"launch": 2}})
 
 
+@pytest.mark.slow
 def test_tensor_parallel_runs_for_real_under_torchrun(llama, tmp_path):
     """Two CPU ranks (gloo), started by the runner through torchrun: rank 0's timings, both
     ranks' results merged, logits equal to one process's within the fp32 noise."""
@@ -277,6 +278,7 @@ def test_tensor_parallel_runs_for_real_under_torchrun(llama, tmp_path):
     assert m["top1"] == 1.0 and m["kl"] < 1e-4 and not math.isnan(m["kl"])
 
 
+@pytest.mark.slow
 def test_failing_rank_ends_the_launch_without_waiting_for_the_timeout(llama, tmp_path):
     from autotune.runner import ForkRunner
 

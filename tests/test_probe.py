@@ -139,6 +139,7 @@ def test_cuda_order_ties_keep_bus_order():
     assert basis == "pci-bus"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deep_timeout", [60])
 def test_deep_probe_runs_in_a_subprocess(fake_probe, deep_timeout):
     f = fake_probe([], deep=True, deep_timeout=deep_timeout)

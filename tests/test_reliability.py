@@ -155,6 +155,7 @@ def _autotune_pids(marker: str) -> list[int]:
     return carrying(marker)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_exits_with_the_signals_code_marks_the_config_and_leaves_no_process(tiny_llama, tmp_path, sig, code):
@@ -249,6 +250,7 @@ def test_check_strict_prints_the_verdict_its_exit_code_gives(tmp_path):
     assert "FAILS" in text.stdout.splitlines()[0] and text.returncode == 1
 
 
+@pytest.mark.slow
 def test_a_second_tune_waits_for_the_first_or_refuses(tmp_path):
     """The lock, held by another process: with --wait 0 the second tune refuses in one line;
     with a wait it says why it waits, then gives up when the wait is over."""
@@ -305,6 +307,7 @@ def test_a_run_on_a_busy_machine_is_not_cached(tiny_llama, tmp_path):
     assert cache.puts == [] and bench.contended and "busy" in bench.contended[0]
 
 
+@pytest.mark.slow
 def test_max_memory_for_an_invisible_gpu_is_refused(tiny_llama, tmp_path):
     r = run_cli("tune", str(tiny_llama), "--prompt-len", "16", "--new-tokens", "4", "--max-memory", "0=20GiB",
                 env={"AUTOTUNE_CACHE_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
@@ -371,6 +374,7 @@ def test_prediction_reasons_are_whole_and_the_architecture_comes_first(tiny_llam
     assert fa2.split("ATTN-FA2-ARCH: ")[1].split(" (and ")[0].endswith("."), "the message is whole, not cut mid-word"
 
 
+@pytest.mark.slow
 def test_doctor_deep_shows_its_findings_in_text():
     r = run_cli("doctor", "--deep")
     assert r.returncode in (0, 1), r.stderr

@@ -229,6 +229,7 @@ def test_noise_floor_per_dtype(tmp_path):
     assert trials[3].quality["kl"] > 50 * trials[1].quality["kl"], "one floor for both would have failed bf16 eager"
 
 
+@pytest.mark.slow
 def test_screen_runs_every_candidate_in_one_process(tmp_path):
     """The worker's screen for real (on the CPU the step time is wall time, not kernel time)."""
     from autotune.runner import ForkRunner

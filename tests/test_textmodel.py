@@ -28,6 +28,7 @@ def test_held_out_files_are_never_trained_on():
     assert textmodel.corpus_files() == (train, held), "the split is fixed"
 
 
+@pytest.mark.slow
 def test_training_lowers_held_out_perplexity(trained):
     out, stats = trained
     assert stats["steps"] > 20 and json.loads((out / "autotune-train.json").read_text())["steps"] == stats["steps"]
@@ -41,6 +42,7 @@ def test_training_lowers_held_out_perplexity(trained):
     assert ppl < 0.5 * ppl0, (ppl, ppl0)  # an untrained model is near uniform (~512)
 
 
+@pytest.mark.slow
 def test_quality_figures_of_configs(trained):
     out, _ = trained
     cfgs = {"float32": candidate_config("float32", "sdpa"), "bfloat16": candidate_config("bfloat16", "sdpa"),

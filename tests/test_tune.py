@@ -11,6 +11,7 @@ from autotune.profiles import load_target
 from autotune.tuner import tune
 
 from .conftest import run_cli, save_tiny_llama
+from .test_search import RegimeRunner
 
 SMALL = dict(prompt_len=32, new_tokens=8, reps=2)
 
@@ -33,6 +34,7 @@ def bf16_cpu_facts():
     return probe(host={**host, "cpu_flags": sorted(set(host.get("cpu_flags") or ()) | {"avx512_bf16"})})
 
 
+@pytest.mark.slow
 def test_tune_tiny_llama_for_real(tiny_llama):
     from autotune.machine import probe
     from autotune.space import preferred
@@ -58,6 +60,7 @@ def test_tune_tiny_llama_for_real(tiny_llama):
     json.dumps(cfg)  # plain JSON
 
 
+@pytest.mark.slow
 def test_returned_config_loads(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
@@ -79,6 +82,7 @@ def test_load_restores_integer_max_memory_keys(tiny_llama):
     assert from_pretrained_kwargs({"from_pretrained": {"max_memory": {"0": "1GiB", "cpu": "2GiB"}}})["max_memory"] == {0: "1GiB", "cpu": "2GiB"}
 
 
+@pytest.mark.slow
 def test_bitsandbytes_4bit_on_cpu(tiny_llama):
     import importlib.metadata
 
@@ -92,9 +96,10 @@ def test_bitsandbytes_4bit_on_cpu(tiny_llama):
     assert q.quality["kl"] < 1.0 and q.config["from_pretrained"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
 
 
+@pytest.mark.slow
 def test_injected_faults_are_reported_and_the_tune_completes(tiny_llama):
     faults = {"bfloat16 eager *": "crash", "float16 sdpa device_map=cpu": "hang", "float32 sdpa *": "oom", "* static-cache *": "corrupt"}
-    r = tune(tiny_llama, use_cache=False, report=True, faults=faults, candidate_timeout=25, facts=bf16_cpu_facts(), **SMALL)
+    r = tune(tiny_llama, use_cache=False, report=True, faults=faults, candidate_timeout=15, facts=bf16_cpu_facts(), **SMALL)
     st = statuses(r)
     assert st["bfloat16 eager device_map=cpu"] == "crashed"
     assert st["float16 sdpa device_map=cpu"] == "timeout"
@@ -106,21 +111,20 @@ def test_injected_faults_are_reported_and_the_tune_completes(tiny_llama):
     assert r.pick is not None and r.pick.status == "ok" and r.pick is not corrupt
 
 
-class CountingRunner:
-    def __init__(self):
-        from autotune.runner import ForkRunner
+class CountingRunner(RegimeRunner):
+    """Counts the runs and answers like tests/test_search.py's fake runner, without processes:
+    these tests check the result cache and the interrupt path of a real tune(), not the runs
+    (the real runner's tunes are the tests above)."""
 
-        self.inner = ForkRunner(timeout_s=120)
+    def __init__(self):
+        super().__init__()
         self.calls = 0
         self.capacity_checks = 0
 
     def run(self, spec):
         self.calls += 1
         self.capacity_checks += bool(spec.get("capacity"))
-        return self.inner.run(spec)
-
-    def close(self):
-        self.inner.close()
+        return super().run(spec)
 
 
 def test_cache_hit_invalidation_and_resume(tmp_path):
@@ -191,6 +195,7 @@ def test_prediction_for_a100_with_flash_attn(tiny_llama):
     assert autotune.check(cfg, target="a100-80gb")["ok"]
 
 
+@pytest.mark.slow
 def test_cli_tune_json_and_output(tiny_llama, tmp_path):
     out = run_cli("tune", str(tiny_llama), "--prompt-len", "32", "--new-tokens", "8", "--reps", "2", "--json", "--no-cache", "-o", str(tmp_path / "cfg.json"), "--plot", str(tmp_path / "tune.png"),
                   env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "c")})
@@ -237,6 +242,7 @@ def test_quality_verdicts():
     assert not ok and "NaN" in why
 
 
+@pytest.mark.slow
 def test_capacity_mode_runs_each_shape_in_the_worker(tiny_llama, tmp_path):
     """The check run itself (the tuner sends it on a GPU): one full generate per shape."""
     from autotune.runner import ForkRunner
@@ -252,6 +258,7 @@ def test_capacity_mode_runs_each_shape_in_the_worker(tiny_llama, tmp_path):
     assert [(c["batch_size"], c["prompt_len"], c["fits"]) for c in r["capacity_checks"]] == [(3, 8, True), (1, 40, True)]
 
 
+@pytest.mark.slow
 def test_launched_candidates_warm_up_together_and_are_timed_in_turn(tiny_llama, tmp_path):
     """Several candidates load and warm up at once, each held before its timed runs; released
     one at a time, their timed runs never overlap. A held one can be cancelled; plain runs go on."""
