@@ -289,7 +289,7 @@ class Search:
     # ---- decoding that depends on the text
     def prompt_lookup(self) -> None:
         """Prompt-lookup decoding (``prompt_lookup_num_tokens`` in :data:`PROMPT_LOOKUP_TOKENS`)
-        of the best dynamic-cache candidate, measured on the user's prompts only (``--prompts``):
+        of the fastest dynamic-cache candidate, measured on the user's prompts only (``--prompts``):
         one forward verifies the tokens that followed the last n-gram's earlier occurrence in the
         prompt, so the gain is the share of the output the prompt already holds. It runs through
         transformers' assisted decoding: a dynamic cache (no compiled static cache, no sync-free
