@@ -9,7 +9,9 @@ The spec is plain data (JSON-able):
 ``{"model", "label", "config" (a config dict), "workload": {...}, "reps", "min_reps",
 "quality_steps", "seed", "memory_budget": {"0": bytes} | None, "wait_for": path | None,
 "wait_limit_s", "warm_file": path | None, "capacity": [{"batch_size", "prompt_len"}, ...] | None,
-"fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
+"prompt_ids": [[int, ...], ...] | None, "fault": None | "crash" | "hang" | "oom" | "corrupt"}``.
+``prompt_ids`` (the user's prompts, for a candidate whose speed depends on the text) are what
+its timed runs decode, one generate per batch of them; otherwise random rows of the workload's shape.
 ``fault`` exists for tests: it injects the failure a real candidate can have. ``capacity``
 turns the run into a memory check: one generate per listed shape, no timing. ``warm_file`` is
 touched when the warm-up is done; the timed runs then wait for ``wait_for`` to exist.
