@@ -536,10 +536,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             times.append(time.perf_counter())
         if clock is not None:
             first_count = clock.counts[0] if clock.counts else n_new
-            forwards.append(len(clock.counts))
         return seq, times, first_count, start
-
-    forwards: list[int] = []  # with prompt lookup: the target model's forwards per generate
 
     if spec.get("capacity"):
         return _capacity_check(torch, model, vocab, base, w, spec, device)
@@ -568,6 +565,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     # Timed runs: at least ``min_reps``; up to ``reps`` while they disagree by more than
     # ``rep_spread`` of their median (the finalists are re-measured in fresh processes anyway).
     runs: list[dict[str, Any]] = []
+    forwards: list[int] = []  # with prompt lookup: the model's forwards per generate of the last timed run
     max_reps = spec.get("reps", 3)
     min_reps = min(spec.get("min_reps", max_reps), max_reps)
     with _timed_section(spec.get("pin_cpus")) as window:
@@ -579,7 +577,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             # one generate per batch; decode tok/s over all of them (the tokens after each call's
             # first, over the time after it), TTFT and end-to-end per call
             decoded, span, ttfts, totals, itl = 0, 0.0, [], [], []
-            forwards.clear()
+            forwards = []  # one clocked chunk per forward
             for rows in batches:
                 seq, times, first_count, start = generate(rows)
                 produced = seq.shape[1] - rows[0].shape[1]
@@ -589,7 +587,9 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                 totals.append(times[-1] - start)
                 decoded += rows[0].shape[0] * (n_new - first_count)
                 span += times[-1] - times[0]
-                if loop is None and not lookup:  # per token only where each is clocked
+                if lookup:
+                    forwards.append(len(times))
+                elif loop is None:  # per token only where each is clocked
                     itl += [b - a for a, b in zip(times, times[1:])]
             decode = decoded / span if decoded > 0 and span > 0 else float("nan")
             runs.append({"ttft_s": statistics.fmean(ttfts), "total_s": statistics.fmean(totals), "decode_tok_s": decode, "itl_s": itl})
