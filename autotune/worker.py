@@ -503,6 +503,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     base = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0, **gen)
     loop = decode_loop_of(cfg)
     lookup = gen.get("prompt_lookup_num_tokens")
+    plain = {k: v for k, v in base.items() if k != "prompt_lookup_num_tokens"}  # the same without prompt lookup
 
     def generate(rows: Any = None, **extra: Any) -> tuple[Any, list[float], int, float]:
         """One timed generate of ``rows`` (ids, mask; default the first batch): (sequences, when
@@ -617,7 +618,7 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if loop is not None:
         res["decode_loop"] = _loop_check(torch, model, batches[-1][0], {**base, "attention_mask": batches[-1][1]}, seq)
     if lookup:
-        res["prompt_lookup"] = _lookup_check(torch, model, batches[-1], base, seq, lookup, forwards, n_new, bool(spec.get("prompt_ids")))
+        res["prompt_lookup"] = _lookup_check(torch, model, batches[-1], plain, seq, lookup, forwards, n_new, bool(spec.get("prompt_ids")))
     res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -630,7 +631,6 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     # proposed token, so forced tokens cannot be fed through it); its tokens were checked above.
     steps = min(spec.get("quality_steps", 4), n_new)
     graphs_q = _dynamo_graphs(torch)
-    plain = {k: v for k, v in base.items() if k != "prompt_lookup_num_tokens"}
     logits = _forced_logits(torch, model, ids, plain, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes, loop=loop)
     if compiled and graphs_q >= 0:  # a compiled candidate's quality pass should reuse its graph (0), not compile anew
         res["quality_pass_graphs"] = _dynamo_graphs(torch) - graphs_q
@@ -642,12 +642,12 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return res
 
 
-def _lookup_check(torch: Any, model: Any, rows: tuple[Any, Any], base: dict[str, Any], seq: Any, lookup: int, forwards: list[int],
+def _lookup_check(torch: Any, model: Any, rows: tuple[Any, Any], plain: dict[str, Any], seq: Any, lookup: int, forwards: list[int],
                   n_new: int, real: bool) -> dict[str, Any]:
     """Prompt lookup's greedy tokens (the last timed generate) against plain greedy decoding of
-    the same rows (not timed), and how many tokens one forward yielded (the gain)."""
+    the same rows (``plain``: the generate kwargs without prompt lookup; not timed), and how many
+    tokens one forward yielded (the gain)."""
     x, m = rows
-    plain = {k: v for k, v in base.items() if k != "prompt_lookup_num_tokens"}
     with torch.inference_mode():
         ref = model.generate(x, **{**plain, "attention_mask": m})
     return {"num_tokens": lookup, "tokens_per_forward": round(x.shape[0] * n_new * len(forwards) / max(sum(forwards), 1), 3),
