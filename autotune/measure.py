@@ -111,13 +111,7 @@ class Bench:
         return next((v for k, v in self.faults.items() if fnmatch.fnmatchcase(label, k)), None)
 
     def spec(self, t: Trial) -> dict[str, Any]:
-        spec = self._spec(t)
-        if self.prompt_ids and text_dependent(t.config):
-            spec["prompt_ids"] = self.prompt_ids
-        return spec
-
-    def _spec(self, t: Trial) -> dict[str, Any]:
-        return {
+        spec = {
             "model": self.path,
             "label": t.label,
             "config": t.config,
@@ -132,6 +126,9 @@ class Bench:
             "fault": self.fault(t.label),
             "timeout_s": self.candidate_timeout,
         }
+        if self.prompt_ids and text_dependent(t.config):
+            spec["prompt_ids"] = self.prompt_ids
+        return spec
 
     def run_spec(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
         cached = self.cache.get(key) if key and self.cache else None
