@@ -283,7 +283,9 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     if mask2d is not None:
         full[:, :mask2d.shape[1]] = mask2d
     pos = model_kwargs.get("position_ids")
-    pos = pos[:, -1:].clone() if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
+    # contiguous, as the step's own ``pos + 1`` is: a slice's clone keeps the prompt's stride, a new
+    # input layout that compiled the step a second time (dynamic=False guards on strides)
+    pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
     step = _step_fn(model, plan, generation_config, device)
     every = max(1, int(check_every or CHECK_EVERY))
     cudagraphs = device.type == "cuda"
