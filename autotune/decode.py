@@ -18,8 +18,12 @@ After transformers' own prefill, each decode step is one function — the forwar
 mask built from the cache's device-side position, the logits processing (minimum length,
 temperature, top-k, top-p), the token choice, the padding of finished rows and the EOS check —
 compiled as one graph on CUDA (``torch.compile`` with the generation config's
-``compile_config``: CUDA graphs under its default ``reduce-overhead`` mode). The host only
-queues steps; it looks at whether every row has finished once every ``check_every`` tokens and
+``compile_config``). Where its mode asks for CUDA graphs (transformers' default
+``reduce-overhead``), greedy decoding captures them itself: the step is compiled without them
+and replayed from one ``torch.cuda.CUDAGraph`` (:class:`_Graphs`, kept across calls with a KV
+cache of its own), so a token costs the host one graph launch, not dynamo's guards and
+cudagraph trees' bookkeeping (with torchao's tensor-subclass weights those took 4 ms a token on
+the H200); sampling keeps torch.compile's CUDA graphs. The host only queues steps; it looks at whether every row has finished once every ``check_every`` tokens and
 trims the steps past the end, so for greedy decoding the tokens are those ``_sample`` returns.
 Sampling draws with the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``), which has
 multinomial's distribution but not its random stream.
@@ -39,6 +43,11 @@ log = logging.getLogger("autotune.decode")
 
 NAME = "sync-free"  # the config dict's runtime.decode_loop value
 CHECK_EVERY = 32  # tokens between looks at whether every row has finished
+# decode steps one CUDA graph of the loop's own replays (0: torch.compile's CUDA graphs). One: on
+# the H200 a replay of 16 steps ran each step as fast as a replay of one (1.82 ms at 1.1 B, bf16),
+# and its launch took the host 15 ms, which the GPU waited out after each EOS check
+# (docs/PERFORMANCE.md, issue 12, the loop's own CUDA graphs)
+GRAPH_STEPS = 1
 _warned: set[str] = set()
 # how often the loop ran and fell back to transformers' own, in this process (the worker reports it)
 stats = {"runs": 0, "fallbacks": 0}
@@ -174,11 +183,18 @@ def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: A
     return nxt, pos + 1, unfinished, logits
 
 
-def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any) -> Callable[..., Any]:
+def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any,
+             graph_steps: int = 0) -> tuple[Callable[..., Any], bool]:
     """The step, compiled as one graph on CUDA with the generation config's CompileConfig
-    (transformers' own defaults: mode reduce-overhead, dynamic False); eager elsewhere."""
+    (transformers' own defaults: mode reduce-overhead, dynamic False); eager elsewhere. And
+    whether the loop captures the CUDA graphs itself: where the mode asks for CUDA graphs
+    (reduce-overhead, max-autotune) and ``graph_steps`` > 0 for greedy decoding, the step is
+    compiled without them (default / max-autotune-no-cudagraphs) and :func:`generate` captures
+    ``graph_steps`` steps in one ``torch.cuda.CUDAGraph``: torch.compile's CUDA graphs replay one
+    step per Python call, each call paying dynamo's guards and cudagraph trees' bookkeeping on the
+    host."""
     if device.type != "cuda" or generation_config.disable_compile:
-        return _step
+        return _step, False
     import torch
 
     cc = generation_config.compile_config
@@ -188,11 +204,128 @@ def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: A
         opts.pop("mode", None)  # torch.compile takes one of mode / options
     if opts.get("dynamic") is None:
         opts["dynamic"] = False
+    own = False
+    if graph_steps > 0 and not plan["do_sample"] and opts.get("backend", "inductor") == "inductor":
+        if opts.get("options"):
+            if opts["options"].get("triton.cudagraphs"):
+                opts["options"] = {**opts["options"], "triton.cudagraphs": False}
+                own = True
+        elif opts.get("mode") in ("reduce-overhead", "max-autotune"):
+            opts["mode"] = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}[opts["mode"]]
+            own = True
     key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), tuple(sorted((k, str(v)) for k, v in plan.items())))
     fn = _compiled.get(key)
     if fn is None:
         fn = _compiled[key] = torch.compile(_step, **opts)
-    return fn
+    return fn, own
+
+
+class _Graphs:
+    """CUDA graphs of the compiled step, kept across generate calls: one of ``k`` steps and one of
+    a single step (for the rest), over state tensors of their own (token, position, unfinished
+    rows, length, the 2D mask) that each call loads, and over a KV cache of their own: the static
+    cache of the call that captured them, which later calls of the same shape decode in (reset,
+    before their prefill: :meth:`adopt`) instead of the new StaticCache transformers 5.17 makes for
+    each call, whose memory can land elsewhere. A graph reads memory by address, so a set is also
+    dropped when the model's parameters moved. One set is kept at a time (``_graph_sets``): each
+    holds a KV cache and a graph memory pool."""
+
+    def __init__(self, torch: Any, step: Callable[..., Any], model: Any, cache: Any, plan: dict[str, Any],
+                 tok: Any, pos: Any, unfinished: Any, full: Any, pad: Any, eos: Any, k: int) -> None:
+        dev = tok.device
+        self.where = _addresses(model)
+        self.cache = cache
+        self.tok, self.pos, self.unfinished = tok.clone(), pos.clone(), unfinished.clone()
+        self.length = torch.zeros((), dtype=torch.long, device=dev)
+        self.full = full.clone()
+        # the first call's pad, EOS and plan tensors themselves, kept (later calls load their values
+        # into them): the compiled step's guards include their aliasing (the plan's EOS ids are the
+        # eos argument), which copies would break, and a recompile during a capture ruins it
+        self.pad, self.eos, self.plan = pad, eos, plan
+        self.min_length = torch.tensor(plan["min_length"], dtype=torch.long, device=dev)
+        self.blocks, self.replays = {}, {}
+        for n in sorted({k, 1}, reverse=True):
+            block = self.blocks[n] = torch.empty((tok.shape[0], n), dtype=tok.dtype, device=dev)
+
+            def steps(n: int = n, block: Any = block) -> None:
+                t, p, u, ln = self.tok, self.pos, self.unfinished, self.length
+                for j in range(n):
+                    t, p, u, _ = step(model, self.cache, t, p, self.full, u, ln < self.min_length, self.pad, self.eos, self.plan)
+                    block[:, j] = t
+                    ln = ln + 1
+                for dst, src in ((self.tok, t), (self.pos, p), (self.unfinished, u), (self.length, ln)):
+                    dst.copy_(src)
+
+            self.replays[n] = self._capture(torch, steps)
+
+    @staticmethod
+    def _capture(torch: Any, fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn``'s kernels captured in a CUDA graph; the graph's replay (the CPU tests replace this
+        with ``fn`` itself: there is no CUDA graph to capture there)."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+
+    def adopt(self, model: Any, cache: Any) -> bool:
+        """Whether this call (its fresh, still empty ``cache``) can decode in the set's cache: the
+        parameters where they were, a cache of the same kind and layer shapes. Then the set's
+        cache is reset for it."""
+        mine, theirs = getattr(self.cache, "layers", None), getattr(cache, "layers", None)
+        if type(cache) is not type(self.cache) or not mine or not theirs or len(mine) != len(theirs):
+            return False
+        if any(type(a) is not type(b) or getattr(a, "max_cache_len", None) != getattr(b, "max_cache_len", None) for a, b in zip(mine, theirs)):
+            return False
+        if any(getattr(b, "is_initialized", False) for b in theirs) or _addresses(model) != self.where:
+            return False
+        self.cache.reset()
+        return True
+
+    def load(self, torch: Any, tok: Any, pos: Any, unfinished: Any, length: int, full: Any, pad: Any, eos: Any,
+             plan: dict[str, Any]) -> None:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.unfinished.copy_(unfinished)
+        self.length.fill_(length)
+        self.full.copy_(full)
+        for mine, theirs in ((self.pad, pad), (self.eos, eos), *((self.plan[k], v) for k, v in plan.items() if torch.is_tensor(v))):
+            if mine is not None and mine is not theirs:
+                mine.copy_(theirs)
+
+    def run(self, n: int) -> Any:
+        """Replay ``n`` steps (``k`` or 1); their tokens (a fresh tensor, batch x n)."""
+        self.replays[n]()
+        return self.blocks[n].clone()
+
+
+_graph_sets: dict[Any, _Graphs] = {}
+
+
+def _addresses(model: Any) -> tuple[Any, ...]:
+    """Where the parameters and buffers a captured step reads sit: each one's data pointer (a
+    tensor subclass without one, such as torchao's: its identity)."""
+    def ptr(t: Any) -> Any:
+        try:
+            return t.data_ptr()
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            return ("id", id(t))
+
+    return tuple(ptr(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def _desc(v: Any) -> Any:
+    """A plan value as a key: a tensor by its shape and dtype (its values are loaded per call)."""
+    return ("tensor", tuple(v.shape), str(v.dtype)) if hasattr(v, "shape") and hasattr(v, "dtype") else str(v)
+
+
+def _cache_len(cache: Any) -> Any:
+    layers = getattr(cache, "layers", None) or []
+    return tuple(getattr(layer, "max_cache_len", None) for layer in layers)
+
+
+def _graph_key(model: Any, plan: dict[str, Any], b: int, cache: Any, pad: Any, eos: Any, k: int, step: Any) -> Any:
+    return (id(model), id(step), b, _cache_len(cache), k, None if pad is None else _desc(pad), None if eos is None else _desc(eos),
+            tuple(sorted((a, _desc(v)) for a, v in plan.items() if a != "eos")))
 
 
 def _column(torch: Any, tokens: Any, i: int) -> Any:
@@ -220,11 +353,13 @@ def _warn_once(reason: str) -> None:
 def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any,
              synced_gpus: bool = False, streamer: Any = None, first_token_hook: Callable[[], None] | None = None,
              check_every: int | None = None, forced_tokens: Any = None, logits_out: list[Any] | None = None,
-             **model_kwargs: Any) -> Any:
+             graph_steps: int | None = None, **model_kwargs: Any) -> Any:
     """``GenerationMixin._sample``'s contract without a host sync per token (see the module's
     docstring). ``first_token_hook`` is called once the first new token is queued (a benchmark
     synchronises there to take the time to first token); ``check_every``: tokens between looks
-    at whether every row has finished (default :data:`CHECK_EVERY`).
+    at whether every row has finished (default :data:`CHECK_EVERY`); ``graph_steps``: decode steps
+    one CUDA graph replays on CUDA for greedy decoding (default :data:`GRAPH_STEPS`; 0: the
+    compile mode's own CUDA graphs, one replay a step).
 
     ``forced_tokens`` (batch x n) and ``logits_out`` (a list) make it a quality probe of the very
     graph that decodes: the prefill's and then each step's raw float32 logits (on the host, EOS
@@ -256,6 +391,18 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     if eos is not None:
         eos = eos.to(device)
         pad = (pad if pad is not None else eos[:1]).to(device).reshape(())
+    probe = forced_tokens is not None and logits_out is not None
+    k = max(0, int(GRAPH_STEPS if graph_steps is None else graph_steps))
+    step, own = _step_fn(model, plan, generation_config, device, k)
+    graphs = key = None
+    if own and not probe and n_new > 1:
+        key = _graph_key(model, plan, b, model_kwargs[plan["cache_key"]], pad, eos, k, step)
+        graphs = _graph_sets.get(key)
+        if graphs is not None and graphs.adopt(model, model_kwargs[plan["cache_key"]]):
+            model_kwargs[plan["cache_key"]] = graphs.cache  # this call decodes in the set's cache; its own stays empty
+        else:
+            graphs = None
+            _graph_sets.clear()  # one set at a time: its KV cache and graph pool are freed before this prefill
     # the prefill, exactly as _sample runs it (uncompiled; it fills the static cache)
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
@@ -266,7 +413,6 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
     if eos is not None:
         unfinished = unfinished & ~torch.isin(tok, eos)
-    probe = forced_tokens is not None and logits_out is not None
     if probe:
         n_new = min(n_new, int(forced_tokens.shape[1]))
         logits_out.append(_masked(torch, logits, start, plan))
@@ -280,18 +426,39 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     mask2d = model_kwargs.get("attention_mask")
     max_len = cache.get_max_length() if hasattr(cache, "get_max_length") else cache.max_cache_len
     full = torch.ones(b, max_len, dtype=torch.long, device=device)
-    if mask2d is not None:
-        full[:, :mask2d.shape[1]] = mask2d
+    if mask2d is not None:  # (one new token: the cache holds the prompt only, the mask one more)
+        n = min(mask2d.shape[1], max_len)
+        full[:, :n] = mask2d[:, :n]
     pos = model_kwargs.get("position_ids")
     # contiguous, as the step's own ``pos + 1`` is: a slice's clone keeps the prompt's stride, a new
     # input layout that compiled the step a second time (dynamic=False guards on strides)
     pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
-    step = _step_fn(model, plan, generation_config, device)
     every = max(1, int(check_every or CHECK_EVERY))
-    cudagraphs = device.type == "cuda"
+    cudagraphs = device.type == "cuda" and not own
     no = torch.tensor(False, device=device)
     yes = torch.tensor(True, device=device)
-    for i in range(1, n_new):
+    first = 1
+    if key is not None:
+        if graphs is None:
+            # the first step runs uncaptured: it compiles the step and warms its kernels (cuBLAS,
+            # triton) before a capture; then the graphs are captured from the state it left
+            length = start + 1
+            tok, pos, unfinished, _ = step(model, cache, tok, pos, full, unfinished, yes if length < plan["min_length"] else no, pad, eos, plan)
+            toks.append(tok)
+            first = 2
+            graphs = _graph_sets[key] = _Graphs(torch, step, model, cache, plan, tok, pos, unfinished, full, pad, eos, k)
+        graphs.load(torch, tok, pos, unfinished, start + first, full, pad, eos, plan)
+        done, since, left = False, 0, n_new - first
+        while left > 0 and not done:
+            n = k if left >= k else 1
+            toks.append(graphs.run(n))
+            left -= n
+            since += n
+            if eos is not None and since >= every:
+                since = 0
+                done = not bool(graphs.unfinished.any())
+        first = n_new  # every step ran in the graphs
+    for i in range(first, n_new):
         length = start + i  # tokens before this step's; the minimum length is known on the host
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -306,7 +473,7 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
         toks.append(tok)
         if eos is not None and i % every == 0 and not bool(unfinished.any()):
             break
-    new = torch.stack(toks, dim=1)
+    new = torch.cat([t.reshape(b, -1) for t in toks], dim=1)
     if eos is not None:
         # _sample stops after the step at which every row has finished: each row's first EOS
         hit = torch.isin(new, eos)

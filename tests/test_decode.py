@@ -225,27 +225,101 @@ def test_a_loop_candidates_quality_logits_come_from_the_loop(tiny_llama, tmp_pat
     assert torch.allclose(logits.float(), ref.float(), atol=2e-3)  # both saved in float16
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["compile-graphs", "own-graphs"])
 @pytest.mark.parametrize("padded", [False, True], ids=["batch-1", "left-padded"])
-def test_the_compiled_step_is_traced_once(model, batch, padded, monkeypatch):
-    """Every step, the first included, and a quality probe after the timed generates, hand the
-    compiled step inputs of one layout: with dynamic=False a stride that differs (the prompt's
-    position slice) compiled the step a second time on the GPU (58-62 s against transformers' 32 s
-    in the H100 tune). Traced with the eager backend here: no inductor compile on the CPU."""
+def test_the_compiled_step_is_traced_once(model, batch, padded, own, monkeypatch):
+    """Every step, the first included, the loop's own graph captures, a second call and a
+    quality probe after the timed generates hand the compiled step inputs it was traced for:
+    with dynamic=False a stride that differs (the prompt's position slice) compiled the step a
+    second time on the GPU (58-62 s against transformers' 32 s in the H100 tune), and a guard
+    that fails inside a capture (copies of the EOS ids that the first call aliased) invalidates
+    the capture. Traced with the eager backend here: no inductor compile on the CPU."""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
     compiled = torch.compile(decode._step, backend="eager", dynamic=False)
-    monkeypatch.setattr(decode, "_step_fn", lambda *a, **k: compiled)
+    monkeypatch.setattr(decode, "_step_fn", lambda *a, **k: (compiled, own))
+    monkeypatch.setattr(decode._Graphs, "_capture", staticmethod(lambda torch, fn: fn))
+    monkeypatch.setattr(decode, "_graph_sets", {})
     ids, mask = batch
     if not padded:
         ids, mask = ids[:1], mask[:1]
     model.config._attn_implementation = "sdpa"
-    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=12)
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=12, eos_token_id=MANY_EOS)
     plain = model.generate(ids, **common)
-    fast = model.generate(ids, **common, custom_generate=decode.generate)
-    assert torch.equal(fast, plain)
+    for _ in range(2):
+        fast = model.generate(ids, **common, custom_generate=decode.generate, graph_steps=4)
+        assert torch.equal(fast, plain)
     forced = torch.randint(30, 300, (ids.shape[0], 12), generator=torch.Generator().manual_seed(3))
     model.generate(ids, **common, custom_generate=decode.generate, forced_tokens=forced, logits_out=[])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["recompiles"]) or dict(counters["stats"])
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """The loop's own CUDA graphs on the CPU: the step uncompiled, and a "graph" that replays by
+    calling the captured function (the loop's state handling, blocks, remainder and EOS checks are
+    what is under test; torch.cuda.graph itself is exercised on the GPU)."""
+    monkeypatch.setattr(decode, "_step_fn", lambda *a, **k: (decode._step, True))
+    monkeypatch.setattr(decode._Graphs, "_capture", staticmethod(lambda torch, fn: fn))
+    monkeypatch.setattr(decode, "_graph_sets", {})
+    return decode._graph_sets
+
+
+@pytest.mark.parametrize("kw", [
+    {"max_new_tokens": 40},
+    {"max_new_tokens": 40, "min_new_tokens": 20},
+    {"max_new_tokens": 60, "eos_token_id": MANY_EOS},
+    {"max_new_tokens": 60, "eos_token_id": MANY_EOS, "min_new_tokens": 30},
+], ids=["length", "min-new-tokens", "eos", "eos-after-min"])
+@pytest.mark.parametrize("k,every", [(1, 1), (5, 5), (16, 32), (64, 32)])
+def test_the_loops_own_graphs_give_generates_tokens(model, batch, replayed, kw, k, every):
+    """k steps a replay and single-step replays for the rest (k=64 > the tokens: all single);
+    the second call reuses the captured set, loading its state afresh."""
+    ids, mask = batch
+    model.config._attn_implementation = "sdpa"
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, **kw)
+    plain = model.generate(ids, **common)
+    for call in range(2):
+        fast = model.generate(ids, **common, custom_generate=decode.generate, graph_steps=k, check_every=every)
+        assert fast.shape == plain.shape and torch.equal(fast, plain), call
+        assert len(replayed) == 1
+    other = {**common, "attention_mask": mask[:, 4:], "max_new_tokens": 9}  # another prompt and length
+    shorter = model.generate(ids[:, 4:], **other)
+    assert torch.equal(model.generate(ids[:, 4:], **other, custom_generate=decode.generate, graph_steps=k, check_every=every), shorter)
+
+
+def test_the_graphs_decode_in_the_cache_they_were_captured_on(model, batch, replayed, monkeypatch):
+    """Later calls of the same shape decode in the captured set's own KV cache (reset), not in the
+    new StaticCache each generate makes (its memory can land elsewhere: the H200 run captured
+    anew on every call); a set is captured again when the parameters moved or the shape changed,
+    and one set is kept at a time."""
+    from transformers.cache_utils import StaticCache
+
+    ids, mask = batch
+    captures, prefilled = [], []
+    monkeypatch.setattr(decode._Graphs, "_capture", staticmethod(lambda torch, fn: captures.append(fn) or fn))
+    real = type(model)._prefill
+
+    def spy(self, input_ids, generation_config, model_kwargs, **kw):
+        prefilled.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
+        return real(self, input_ids, generation_config, model_kwargs, **kw)
+
+    monkeypatch.setattr(type(model), "_prefill", spy)
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=20)
+    plain = model.generate(ids, **common)
+    prefilled.clear()
+    where = iter([("a",), ("a",), ("a",), ("b",), ("b",)])  # capture; calls 2, 3 fit; call 4 finds the weights moved
+    monkeypatch.setattr(decode, "_addresses", lambda model: next(where))
+    for _ in range(4):
+        assert torch.equal(model.generate(ids, **common, custom_generate=decode.generate, graph_steps=8), plain)
+    assert len(captures) == 4 and len(replayed) == 1  # two sets of two graphs (8 steps, 1 step)
+    assert all(isinstance(c, StaticCache) for c in prefilled)
+    assert prefilled[1] is prefilled[0] and prefilled[2] is prefilled[0]  # the set's cache, reset
+    assert prefilled[3] is not prefilled[0] and next(iter(replayed.values())).cache is prefilled[3]
+    monkeypatch.setattr(decode, "_addresses", lambda model: ("b",))
+    one = model.generate(ids[:1], **{**common, "attention_mask": mask[:1]})
+    assert torch.equal(model.generate(ids[:1], **{**common, "attention_mask": mask[:1]}, custom_generate=decode.generate, graph_steps=8), one)
+    assert len(replayed) == 1 and next(iter(replayed.values())).cache is prefilled[-1] is not prefilled[3]

@@ -1,0 +1,195 @@
+"""The sync-free loop's own CUDA graphs (``decode.GRAPH_STEPS`` steps a replay) against
+torch.compile's (one replay a step) and transformers' compiled loop, in one process on one
+model, batch 1, prompt 512, 128 new tokens, greedy.
+
+    PYTHONPATH=. python3 benchmarks/gpu_graphs.py --shape 1.1b --out DIR
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant int4wo --out DIR   # torchao as a wheel
+
+Each row: warm-up calls (the first compiles), then the median of 5 timed generates; decode
+tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
+compared with transformers' compiled loop's on the same prompt. ``gpu_ms_per_token`` sums the
+kernels the profiler saw in one more generate (what the GPU itself needs a token); the gap to
+the wall time per token is host work the GPU waited for. Also: the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_tune import LLAMA_1_1B, LLAMA_7B, build  # noqa: E402
+
+SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
+
+
+def copy_bandwidth(torch) -> float:
+    """TB/s of a device-to-device copy, bytes read plus written (as ../shared/MEASURED.md counts)."""
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    s = (time.perf_counter() - t) / 20
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2 * 1024**3 / s / 1e12
+
+
+class FirstToken:
+    """A streamer that synchronises at the first new token (transformers' loop)."""
+
+    def __init__(self, torch) -> None:
+        self.torch, self.calls, self.t = torch, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Path | None = None) -> dict:
+    from autotune import decode
+
+    def once():
+        first = {}
+        extra = {}
+        if loop is None:
+            s = FirstToken(torch)
+            extra["streamer"] = s
+        else:
+            extra = {"custom_generate": decode.generate, "first_token_hook": lambda: (torch.cuda.synchronize(), first.setdefault("t", time.perf_counter())), **loop}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(x, **kw, **extra)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        tf = s.t if loop is None else first["t"]
+        n = out.shape[1] - x.shape[1]
+        return out, {"ttft_s": tf - t0, "decode_tok_s": (n - 1) * x.shape[0] / (t1 - tf), "total_s": t1 - t0}
+
+    t = time.perf_counter()
+    for _ in range(warm):
+        out, _ = once()
+    warm_s = time.perf_counter() - t
+    runs = [once()[1] for _ in range(reps)]
+    row = {"warm_s": round(warm_s, 1), "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 1),
+           "runs": [round(r["decode_tok_s"], 1) for r in runs], "ttft_ms": round(1e3 * statistics.median(r["ttft_s"] for r in runs), 2)}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+        with profile(activities=acts) as prof:
+            once()
+            torch.cuda.synchronize()
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        if trace:
+            prof.export_chrome_trace(str(trace))
+        # the gaps between kernels: what the GPU waited for
+        ks = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+        gaps = [b[0] - a[1] for a, b in zip(ks, ks[1:]) if b[0] > a[1]]
+        row["kernels_per_token"] = round(len(ks) / kw["max_new_tokens"], 1)
+        row["gap_ms_per_token"] = round(sum(gaps) / 1e3 / kw["max_new_tokens"], 3)
+        row["gaps_over_20us"] = sum(1 for g in gaps if g > 20)
+        row["gpu_ms_per_token"] = round(kernel_us / 1e3 / (kw["max_new_tokens"] * 1.0), 3)
+        row["wall_ms_per_token"] = round(1e3 / (row["decode_tok_s"] / x.shape[0]), 3)
+    except Exception as e:  # the profiler is a diagnosis, not the measurement
+        row["profiler_error"] = f"{type(e).__name__}: {e}"[:200]
+    return row, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    ap.add_argument("--quant", action="append", default=[], help="torchao kinds (space.TORCHAO_KINDS, e.g. torchao-int4wo) to run with the loop")
+    ap.add_argument("--steps", default="1,0", help="graph_steps values for bf16 (0: torch.compile's CUDA graphs)")
+    ap.add_argument("--quant-steps", default="1", help="graph_steps values for each --quant")
+    ap.add_argument("--budget-s", type=float, default=480, help="skip what is left after this long")
+    ap.add_argument("--skip-transformers", action="store_true", help="no row for transformers' own compiled loop")
+    ap.add_argument("--trace", action="store_true", help="save a profiler trace of each row (DIR/trace-*.json)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    T0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = build(Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
+    import torch
+
+    from autotune.config import load
+    from autotune.space import candidate_config
+
+    res = {"shape": args.shape, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_tb_s": round(copy_bandwidth(torch), 3),
+           "build_s": round(time.perf_counter() - T0, 1), "rows": []}
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 32000, (1, 512), generator=g).cuda()
+    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=128, min_new_tokens=128)
+
+    def save():
+        (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
+
+    def variant(name, quant, rows):
+        cfg = candidate_config("bfloat16", "sdpa", quant=quant)
+        cfg["from_pretrained"]["device_map"] = {"": 0}
+        cfg["generate"] = {"cache_implementation": "static"}
+        t = time.perf_counter()
+        model = load(path, cfg)
+        load_s = time.perf_counter() - t
+        ref = None
+        for label, loop in rows:
+            if time.perf_counter() - T0 > args.budget_s:
+                res["rows"].append({"label": f"{name} {label}", "skipped": "budget"})
+                continue
+            try:
+                tr = out / f"trace-{len(res['rows'])}.json" if args.trace else None
+                row, toks = run(torch, model, x, kw, loop, warm=3 if loop is None else 2, reps=5, trace=tr)
+            except Exception as e:
+                row, toks = {"error": f"{type(e).__name__}: {e}"[:400]}, None
+            row = {"label": f"{name} {label}", "load_s": round(load_s, 1), **row}
+            if toks is not None:
+                if ref is None:
+                    ref = toks
+                row["tokens_equal_first_row"] = bool(torch.equal(toks, ref))
+                row["agree_first_row"] = int((toks[0, 512:] == ref[0, 512:]).sum())
+                weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9 if not quant else None
+                row["weight_gb"] = weight_gb and round(weight_gb, 3)
+                if "decode_tok_s" in row and weight_gb:
+                    row["copy_share"] = round(row["decode_tok_s"] * weight_gb / res["copy_tb_s"] / 1e3, 3)
+            row["elapsed_s"] = round(time.perf_counter() - T0, 1)
+            print(json.dumps(row), flush=True)
+            res["rows"].append(row)
+            save()
+        del model
+        torch.cuda.empty_cache()
+
+    steps = [int(s) for s in args.steps.split(",") if s != ""]
+    first = [] if args.skip_transformers else [("transformers' compiled loop", None)]
+    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps])
+    for q in args.quant:
+        qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
+        variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs])
+    from autotune import decode
+
+    res["decode_stats"] = dict(decode.stats)
+    res["total_s"] = round(time.perf_counter() - T0, 1)
+    save()
+    print(json.dumps({"total_s": res["total_s"], "decode_stats": res["decode_stats"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
