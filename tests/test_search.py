@@ -463,6 +463,8 @@ def test_the_loops_twin_compiles_beside_the_finalists_and_is_timed_alone(llama):
     ev = runner.events
     loop_bf16 = BF16 + " sync-free-loop"
     assert ("launch", loop_bf16) in ev and ("launch", BF16) in ev, ev
+    screen = next(i for i, e in enumerate(ev) if e[0] == "run")
+    assert ev.index(("launch", BF16)) < screen, "the prior's twin with transformers' loop compiles while the screen runs"
     first_timed = min(ev.index(("release", lb)) for lb in (loop_bf16, BF16))
     assert ev.index(("warm", BF16)) < first_timed, "transformers' loop compiled beside the finalists, before any timed run"
     assert r.pick.label == loop_bf16
