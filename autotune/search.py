@@ -264,12 +264,14 @@ class Search:
         throughput candidates: fewer weight bytes per token, still compiled. Only bfloat16 (int4's
         tinygemm layout needs it); the rules drop what this machine cannot run (no torchao, a GPU
         without float8 or int4 kernels); the judge keeps only those within the quality tolerance.
-        Measured with ``--quantization always`` only: each compiles for a minute or more, and on
-        the H100 none beat bfloat16 with the sync-free loop (docs/PERFORMANCE.md, issue 12)."""
+        Measured with ``--quantization always`` only: they change the weights (a lossy option is
+        the user's to ask for), each compiles for a minute or more, and on the H100 none beat
+        bfloat16 with the sync-free loop then; with the loop's own CUDA graphs int4 ran 1.46x
+        bfloat16 at 7 B on the H200 (docs/PERFORMANCE.md, issue 12)."""
         if self.quantization != "always":
             self.notes.append("torchao weight-only quantization not measured (--quantization always measures int8, int4 and float8 of the "
-                              "pick, within --quality-tolerance; on an H100 each ran slower than bfloat16 with the sync-free loop: "
-                              "1.1 B 60, 216 and 185 vs 496 tok/s, 7 B int4 147 vs 158)")
+                              "pick, within --quality-tolerance; they change the weights; with the sync-free loop int4 decoded a 7 B "
+                              "shape 1.46x bfloat16 on an H200, 310.7 vs 212.6 tok/s)")
             return
         lead = self.compiled_leader()
         if lead is None:
