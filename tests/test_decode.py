@@ -286,7 +286,7 @@ def test_the_loops_own_graphs_give_generates_tokens(model, batch, replayed, kw, 
         fast = model.generate(ids, **common, custom_generate=decode.generate, graph_steps=k, check_every=every)
         assert fast.shape == plain.shape and torch.equal(fast, plain), call
         assert len(replayed) == 1
-    other = {**common, "attention_mask": mask[:, 4:], "max_new_tokens": 9}  # another prompt and length
+    other = {**common, "attention_mask": mask[:, 4:], "max_new_tokens": 9, "min_new_tokens": min(kw.get("min_new_tokens", 0), 5)}  # another prompt and length
     shorter = model.generate(ids[:, 4:], **other)
     assert torch.equal(model.generate(ids[:, 4:], **other, custom_generate=decode.generate, graph_steps=k, check_every=every), shorter)
 
