@@ -38,15 +38,17 @@ def batch():
 
 # EOS ids that some rows produce early and others later: each row stops at a different step
 MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kw", [
+# the stopping cases each loop is checked on: a length, a minimum, EOS stops, EOS after a minimum
+LENGTHS = pytest.mark.parametrize("kw", [
     {"max_new_tokens": 40},
     {"max_new_tokens": 40, "min_new_tokens": 20},
     {"max_new_tokens": 60, "eos_token_id": MANY_EOS},
     {"max_new_tokens": 60, "eos_token_id": MANY_EOS, "min_new_tokens": 30},
 ], ids=["length", "min-new-tokens", "eos", "eos-after-min"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@LENGTHS
 @pytest.mark.parametrize("every", [1, 5, 1000])
 def test_greedy_tokens_equal_generate(model, batch, attn, kw, every):
     ids, mask = batch
@@ -268,12 +270,7 @@ def replayed(monkeypatch):
     return decode._graph_sets
 
 
-@pytest.mark.parametrize("kw", [
-    {"max_new_tokens": 40},
-    {"max_new_tokens": 40, "min_new_tokens": 20},
-    {"max_new_tokens": 60, "eos_token_id": MANY_EOS},
-    {"max_new_tokens": 60, "eos_token_id": MANY_EOS, "min_new_tokens": 30},
-], ids=["length", "min-new-tokens", "eos", "eos-after-min"])
+@LENGTHS
 @pytest.mark.parametrize("k,every", [(1, 1), (5, 5), (16, 32), (64, 32)])
 def test_the_loops_own_graphs_give_generates_tokens(model, batch, replayed, kw, k, every):
     """k steps a replay and single-step replays for the rest (k=64 > the tokens: all single);
