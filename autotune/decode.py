@@ -23,8 +23,11 @@ compiled as one graph on CUDA (``torch.compile`` with the generation config's
 and replayed from one ``torch.cuda.CUDAGraph`` (:class:`_Graphs`, kept across calls with a KV
 cache of its own), so a token costs the host one graph launch, not dynamo's guards and
 cudagraph trees' bookkeeping (with torchao's tensor-subclass weights those took 4 ms a token on
-the H200); sampling keeps torch.compile's CUDA graphs. The host only queues steps; it looks at whether every row has finished once every ``check_every`` tokens and
-trims the steps past the end, so for greedy decoding the tokens are those ``_sample`` returns.
+the H200); sampling keeps torch.compile's CUDA graphs. Between calls that set's KV cache and
+graph memory stay allocated (a call of another shape frees them before its prefill; a call whose
+``custom_generate`` is None does not use them). The host only queues steps; it looks
+at whether every row has finished once every ``check_every`` tokens and trims the steps past
+the end, so for greedy decoding the tokens are those ``_sample`` returns.
 Sampling draws with the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``), which has
 multinomial's distribution but not its random stream.
 
