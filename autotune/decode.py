@@ -24,8 +24,8 @@ and replayed from one ``torch.cuda.CUDAGraph`` (:class:`_Graphs`, kept across ca
 cache of its own), so a token costs the host one graph launch, not dynamo's guards and
 cudagraph trees' bookkeeping (with torchao's tensor-subclass weights those took 4 ms a token on
 the H200); sampling keeps torch.compile's CUDA graphs. Between calls that set's KV cache and
-graph memory stay allocated (a call of another shape frees them before its prefill; a call whose
-``custom_generate`` is None does not use them). The host only queues steps; it looks
+graph memory stay allocated (a call of another shape frees them before its prefill;
+:func:`release` frees them now). The host only queues steps; it looks
 at whether every row has finished once every ``check_every`` tokens and trims the steps past
 the end, so for greedy decoding the tokens are those ``_sample`` returns.
 Sampling draws with the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``), which has
@@ -304,6 +304,12 @@ class _Graphs:
 _graph_sets: dict[Any, _Graphs] = {}
 
 
+def release() -> None:
+    """Free the loop's captured CUDA graphs and the KV cache they decode in (the next greedy call
+    on CUDA captures again)."""
+    _graph_sets.clear()
+
+
 def _addresses(model: Any) -> tuple[Any, ...]:
     """Where the parameters and buffers a captured step reads sit: each one's data pointer (a
     tensor subclass without one, such as torchao's: its identity)."""
@@ -405,7 +411,7 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
             model_kwargs[plan["cache_key"]] = graphs.cache  # this call decodes in the set's cache; its own stays empty
         else:
             graphs = None
-            _graph_sets.clear()  # one set at a time: its KV cache and graph pool are freed before this prefill
+            release()  # one set at a time: its KV cache and graph pool are freed before this prefill
     # the prefill, exactly as _sample runs it (uncompiled; it fills the static cache)
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)

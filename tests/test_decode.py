@@ -320,3 +320,5 @@ def test_the_graphs_decode_in_the_cache_they_were_captured_on(model, batch, repl
     one = model.generate(ids[:1], **{**common, "attention_mask": mask[:1]})
     assert torch.equal(model.generate(ids[:1], **{**common, "attention_mask": mask[:1]}, custom_generate=decode.generate, graph_steps=8), one)
     assert len(replayed) == 1 and next(iter(replayed.values())).cache is prefilled[-1] is not prefilled[3]
+    decode.release()
+    assert not replayed
