@@ -157,11 +157,9 @@ class Search:
         # the sync-free loop's twin with transformers' own loop (it has to win its place) is the
         # prior's first pick's, compiled ahead too: made after the screen it compiled alone, 30 s
         # that every timed run waited for (the H200 tune, docs/PERFORMANCE.md)
-        twin = self.variant("compiled", ahead_of[0], loop=None) if loop and ahead_of else None
-        if twin is not None and twin.label in {t.label for t in bench.trials}:
-            twin = None
-        if twin is not None:
-            ahead_of = [*ahead_of, *bench.add([twin])]
+        added = bench.add([self.variant("compiled", ahead_of[0], loop=None)]) if loop and ahead_of else []  # [] if already there
+        twin = added[0] if added else None
+        ahead_of = [*ahead_of, *added]
         plan = [*ahead_of, baseline, *[t for t in ahead_of if t is not twin]] if ahead_of else []
         while plan and not self.overlap_fits(plan, also=seen):
             plan.pop()
@@ -210,9 +208,7 @@ class Search:
         elif loop and queue:
             # the leader with transformers' own loop as well: the sync-free loop has to win its place
             # (and a model it cannot run still has a compiled candidate)
-            own = self.variant("compiled", queue[0], loop=None)
-            if own.label not in {t.label for t in bench.trials}:
-                queue.append(*bench.add([own]))
+            queue += bench.add([self.variant("compiled", queue[0], loop=None)])  # nothing if already there
         # every finalist compiles before anything is timed: beside the others where they fit
         # together, ahead of the screen where it was the prior's pick
         bench.cancel(ahead, keep=[t.label for t in queue])
