@@ -216,7 +216,7 @@ def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: A
         elif opts.get("mode") in ("reduce-overhead", "max-autotune"):
             opts["mode"] = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}[opts["mode"]]
             own = True
-    key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), tuple(sorted((k, str(v)) for k, v in plan.items())))
+    key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), _plan_key(plan))
     fn = _compiled.get(key)
     if fn is None:
         fn = _compiled[key] = torch.compile(_step, **opts)
@@ -332,9 +332,15 @@ def _cache_len(cache: Any) -> Any:
     return tuple(getattr(layer, "max_cache_len", None) for layer in layers)
 
 
+def _plan_key(plan: dict[str, Any]) -> tuple[Any, ...]:
+    """A plan as a key: what the step reads of it (its EOS ids come as the step's argument), tensors
+    by shape and dtype (str() of a CUDA tensor would wait for the GPU)."""
+    return tuple(sorted((a, _desc(v)) for a, v in plan.items() if a != "eos"))
+
+
 def _graph_key(model: Any, plan: dict[str, Any], b: int, cache: Any, pad: Any, eos: Any, k: int, step: Any) -> Any:
     return (id(model), id(step), b, _cache_len(cache), k, None if pad is None else _desc(pad), None if eos is None else _desc(eos),
-            tuple(sorted((a, _desc(v)) for a, v in plan.items() if a != "eos")))
+            _plan_key(plan))
 
 
 def _column(torch: Any, tokens: Any, i: int) -> Any:
