@@ -7,7 +7,7 @@ model, batch 1, prompt 512, 128 new tokens, greedy.
 
 Each row: warm-up calls (the first compiles), then the median of 5 timed generates; decode
 tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
-compared with transformers' compiled loop's on the same prompt. ``gpu_ms_per_token`` sums the
+compared with the first row's on the same prompt. ``gpu_ms_per_token`` sums the
 kernels the profiler saw in one more generate (what the GPU itself needs a token); the gap to
 the wall time per token is host work the GPU waited for. Also: the copy bandwidth.
 """
@@ -47,31 +47,15 @@ def copy_bandwidth(torch) -> float:
     return 2 * 2 * 1024**3 / s / 1e12
 
 
-class FirstToken:
-    """A streamer that synchronises at the first new token (transformers' loop)."""
-
-    def __init__(self, torch) -> None:
-        self.torch, self.calls, self.t = torch, 0, None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Path | None = None) -> dict:
     from autotune import decode
+    from autotune.worker import _ChunkClock
 
     def once():
         first = {}
-        extra = {}
-        if loop is None:
-            s = FirstToken(torch)
-            extra["streamer"] = s
+        if loop is None:  # the worker's streamer clock: put() gets each token on the host
+            clock = _ChunkClock()
+            extra = {"streamer": clock}
         else:
             extra = {"custom_generate": decode.generate, "first_token_hook": lambda: (torch.cuda.synchronize(), first.setdefault("t", time.perf_counter())), **loop}
         torch.cuda.synchronize()
@@ -79,7 +63,7 @@ def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Pat
         out = model.generate(x, **kw, **extra)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        tf = s.t if loop is None else first["t"]
+        tf = clock.times[0] if loop is None else first["t"]
         n = out.shape[1] - x.shape[1]
         return out, {"ttft_s": tf - t0, "decode_tok_s": (n - 1) * x.shape[0] / (t1 - tf), "total_s": t1 - t0}
 
