@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=480, help="skip what is left after this long")
     ap.add_argument("--skip-transformers", action="store_true", help="no row for transformers' own compiled loop")
     ap.add_argument("--trace", action="store_true", help="save a profiler trace of each row (DIR/trace-*.json)")
+    ap.add_argument("--options", action="append", default=[], metavar="JSON",
+                    help="more bf16 loop rows (graph_steps=1), each compiled with these inductor options as "
+                         "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     T0 = time.perf_counter()
@@ -163,7 +166,11 @@ def main() -> None:
 
     steps = [int(s) for s in args.steps.split(",") if s != ""]
     first = [] if args.skip_transformers else [("transformers' compiled loop", None)]
-    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps])
+    from transformers import CompileConfig
+
+    more = [(f"sync-free graph_steps=1 options={o}", {"graph_steps": 1, "compile_config": CompileConfig(options={**json.loads(o), "triton.cudagraphs": True})})
+            for o in args.options]
+    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + more)
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
         variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs])
