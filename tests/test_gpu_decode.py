@@ -1,0 +1,68 @@
+"""The sync-free decode loop on a real GPU (skipped without one): greedy tokens equal to
+transformers' generate uncompiled (the same kernels: what is under test is the loop's logic),
+and compiled with the loop's own CUDA graph (torch.cuda.CUDAGraph captured for real) against
+transformers' own compiled static-cache generate, in float32 so that the compilers' different
+fusions cannot flip a near tie. The CPU tests (tests/test_decode.py) fake the capture."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import gpu_present
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_present() or not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+from autotune import decode  # noqa: E402
+
+MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
+CASES = pytest.mark.parametrize("kw", [
+    {"max_new_tokens": 40},
+    {"max_new_tokens": 40, "min_new_tokens": 20},
+    {"max_new_tokens": 60, "eos_token_id": MANY_EOS},
+], ids=["length", "min-new-tokens", "eos"])
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, bos_token_id=1, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().cuda()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(6, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    return ids.cuda(), mask.cuda()
+
+
+@CASES
+def test_uncompiled_on_the_gpu_gives_generates_tokens(model, batch, kw):
+    ids, mask = batch
+    common = dict(attention_mask=mask, cache_implementation="static", disable_compile=True, do_sample=False, **kw)
+    plain = model.generate(ids, **common)
+    before = decode.stats["runs"]
+    fast = model.generate(ids, **common, custom_generate=decode.generate)
+    assert decode.stats["runs"] == before + 1
+    assert torch.equal(fast, plain)
+
+
+@CASES
+def test_compiled_with_its_own_graph_gives_compiled_generates_tokens(model, batch, kw):
+    ids, mask = batch
+    common = dict(attention_mask=mask, cache_implementation="static", do_sample=False, **kw)
+    plain = model.generate(ids, **common)
+    for call in range(2):  # the second call replays the graph captured by the first
+        fast = model.generate(ids, **common, custom_generate=decode.generate, graph_steps=1)
+        assert torch.equal(fast, plain), call
+    assert len(decode._graph_sets) == 1  # the loop captured a graph of its own
+    decode.release()
