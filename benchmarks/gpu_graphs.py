@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true", help="no row for transformers' own compiled loop")
     ap.add_argument("--trace", action="store_true", help="save a profiler trace of each row (DIR/trace-*.json)")
     ap.add_argument("--options", action="append", default=[], metavar="JSON",
-                    help="more bf16 loop rows (graph_steps=1), each compiled with these inductor options as "
+                    help="more loop rows (graph_steps=1; bf16 and each --quant), each compiled with these inductor options as "
                          "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -173,7 +173,7 @@ def main() -> None:
     variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + more)
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
-        variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs])
+        variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
     from autotune import decode
 
     res["decode_stats"] = dict(decode.stats)
