@@ -142,6 +142,12 @@ def test_config_names_the_loop_and_load_applies_it(tiny_llama, batch):
     ({"generate": {"compile_config": {"mode": "turbo"}}}, "generate.compile_config.mode: unknown mode 'turbo'"),
     ({"generate": {"compile_config": {"speed": 1}}}, "generate.compile_config: expected an object of transformers' CompileConfig fields"),
     ({"generate": {"compile_config": {"fullgraph": "yes"}}}, "generate.compile_config.fullgraph: expected true or false"),
+    # transformers' own generate hands torch.compile CompileConfig's mode with the options: refused there
+    ({"generate": {"compile_config": {"options": {"coordinate_descent_tuning": True}}}}, "generate.compile_config.options: only with runtime.decode_loop"),
+    ({"generate": {"compile_config": {"mode": "max-autotune", "options": {"coordinate_descent_tuning": True}}}, "runtime": {"decode_loop": "sync-free"}},
+     "generate.compile_config: give mode or options, not both"),
+    ({"generate": {"compile_config": {"options": ["freezing"]}}, "runtime": {"decode_loop": "sync-free"}},
+     "generate.compile_config.options: expected an object of inductor options"),
 ])
 def test_bad_loop_and_compile_config_are_one_line(bad, says):
     cfg = {"from_pretrained": {"dtype": "bfloat16"}, **bad}
@@ -157,6 +163,28 @@ def test_compile_mode_is_in_the_label_and_reaches_compile_config(tiny_llama):
     assert parse_config(cfg).label() == "bfloat16 default-attn static-cache+compile(max-autotune)"
     cc = generate_kwargs(cfg)["compile_config"]
     assert type(cc).__name__ == "CompileConfig" and cc.mode == "max-autotune"
+
+
+@pytest.mark.parametrize("options, own, passed", [
+    ({"coordinate_descent_tuning": True, "triton.cudagraphs": True}, True, {"coordinate_descent_tuning": True, "triton.cudagraphs": False}),
+    ({"coordinate_descent_tuning": True}, False, {"coordinate_descent_tuning": True}),  # no CUDA graphs asked for: none
+])
+def test_compile_options_reach_torch_compile_through_the_loop(monkeypatch, options, own, passed):
+    """With the loop, compile_config.options go to torch.compile without the mode (it takes one of
+    the two); CUDA graphs asked for in them are the loop's own."""
+    from types import SimpleNamespace
+
+    from transformers import CompileConfig, GenerationConfig
+
+    cfg = {"from_pretrained": {"dtype": "bfloat16"}, "generate": {"cache_implementation": "static", "compile_config": {"options": options}},
+           "runtime": {"decode_loop": "sync-free"}}
+    parse_config(cfg)  # accepted with the loop
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    monkeypatch.setattr(decode, "_compiled", {})
+    gc = GenerationConfig(compile_config=CompileConfig(options=dict(options)))
+    step, is_own = decode._step_fn(object(), {"do_sample": False}, gc, SimpleNamespace(type="cuda"), graph_steps=1)
+    assert is_own is own and seen["options"] == passed and "mode" not in seen and seen["dynamic"] is False
 
 
 def test_a_candidate_process_times_the_loop_and_checks_its_tokens(tiny_llama, tmp_path):
