@@ -199,6 +199,8 @@ def test_a_candidate_process_times_the_loop_and_checks_its_tokens(tiny_llama, tm
     assert res["decode_tok_s"] > 0 and res["ttft_s"] > 0
     assert "itl_p50_s" not in res  # tokens are not clocked one by one in the loop
     assert res["decode_loop"]["tokens_equal"] is True and res["decode_loop"]["agree_tokens"] == 12
+    assert res["decode_loop"]["timed_equal_warmup"] is True  # the timed runs decoded what was checked
+    assert res["decode_loop"]["runs"] >= 1 + len(res["runs"])  # counted after the timed runs, not at the check
     assert (tmp_path / "logits.pt").is_file()
 
 
