@@ -9,7 +9,8 @@ Each row: warm-up calls (the first compiles), then the median of 5 timed generat
 tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
 compared with the first row's on the same prompt. ``gpu_ms_per_token`` sums the
 kernels the profiler saw in one more generate (what the GPU itself needs a token); the gap to
-the wall time per token is host work the GPU waited for. Also: the copy bandwidth.
+the wall time per token is host work the GPU waited for; ``top_kernels`` names the 12 kernels
+that took most of it (counts and time per token, prefill included). Also: the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -81,7 +82,12 @@ def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Pat
         with profile(activities=acts) as prof:
             once()
             torch.cuda.synchronize()
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        averages = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in averages)
+        # what the GPU spends a token on, by kernel (e.g. whether q/k/v became one matmul)
+        top = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        row["top_kernels"] = [{"name": e.key[:90], "per_token": round(e.count / kw["max_new_tokens"], 2),
+                               "us_per_token": round(e.self_device_time_total / kw["max_new_tokens"], 2)} for e in top]
         if trace:
             prof.export_chrome_trace(str(trace))
         # the gaps between kernels: what the GPU waited for
