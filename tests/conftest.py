@@ -94,6 +94,34 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=600)
 
 
+# EOS ids that some rows produce early and others later: each row stops at a different step
+MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
+
+
+def decode_model() -> Any:
+    """The decode loop tests' tiny random Llama (vocab 300, EOS 5, pad 0), in eval mode on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, bos_token_id=1, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def decode_batch() -> tuple[Any, Any]:
+    """Three rows of 12 tokens for it, two of them left-padded (as generation wants): (ids, mask)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(6, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
 def save_tiny_llama(folder: Path, *, dtype: str = "float32", **overrides: Any) -> Path:
     """A tiny random Llama saved with save_pretrained (real safetensors, real config.json)."""
     import torch
@@ -129,4 +157,5 @@ def gpu_present() -> bool:
         return False
 
 
-__all__ = ["FakeNvml", "device", "run_cli", "save_tiny_llama", "write_json", "UNKNOWN", "gpu_present"]
+__all__ = ["FakeNvml", "device", "run_cli", "save_tiny_llama", "write_json", "UNKNOWN", "gpu_present", "MANY_EOS", "decode_model",
+           "decode_batch"]

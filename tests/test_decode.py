@@ -13,31 +13,18 @@ torch = pytest.importorskip("torch")
 
 from autotune import decode  # noqa: E402
 from autotune.config import ConfigError, load, parse_config  # noqa: E402
+from tests.conftest import MANY_EOS, decode_batch, decode_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, bos_token_id=1, pad_token_id=0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return decode_model()
 
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(6, 300, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding, as generation wants
-    mask[2, :6] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+    return decode_batch()
 
-
-# EOS ids that some rows produce early and others later: each row stops at a different step
-MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
 # the stopping cases each loop is checked on: a length, a minimum, EOS stops, EOS after a minimum
 LENGTHS = pytest.mark.parametrize("kw", [
     {"max_new_tokens": 40},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import gpu_present
+from tests.conftest import MANY_EOS, decode_batch, decode_model, gpu_present
 
 torch = pytest.importorskip("torch")
 
@@ -16,7 +16,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_present() or not torch
 
 from autotune import decode  # noqa: E402
 
-MANY_EOS = [7, 9, 11, 13, 17, 19, 23, 29, 31]
 CASES = pytest.mark.parametrize("kw", [
     {"max_new_tokens": 40},
     {"max_new_tokens": 40, "min_new_tokens": 20},
@@ -26,22 +25,12 @@ CASES = pytest.mark.parametrize("kw", [
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, bos_token_id=1, pad_token_id=0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().cuda()
+    return decode_model().cuda()  # float32, as from_config makes it
 
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(6, 300, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, :6] = 0
-    ids[mask == 0] = 0
+    ids, mask = decode_batch()
     return ids.cuda(), mask.cuda()
 
 
