@@ -307,7 +307,6 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         kw["tp_size"] = _int(fp["tp_size"], "tp_size")
 
     # generate and runtime
-    compile_options = False
     if "cache_implementation" in gen and gen["cache_implementation"] is not None:
         if gen["cache_implementation"] not in CACHE_IMPLEMENTATIONS:
             raise ConfigError(f"generate.cache_implementation: unknown value {gen['cache_implementation']!r}; use one of {', '.join(CACHE_IMPLEMENTATIONS)}")
@@ -330,7 +329,12 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
                 raise ConfigError("generate.compile_config.options: expected an object of inductor options, e.g. {\"coordinate_descent_tuning\": true}")
             if "mode" in cc:
                 raise ConfigError("generate.compile_config: give mode or options, not both (torch.compile takes one of them)")
-            compile_options = True
+            if rt.get("decode_loop") != "sync-free":
+                # transformers' generate (5.17 to 5.24 at least: modeling_utils.get_compiled_call) calls
+                # torch.compile(**CompileConfig.to_dict()), which always holds a mode (default
+                # reduce-overhead), and torch.compile refuses mode and options together
+                raise ConfigError("generate.compile_config.options: only with runtime.decode_loop \"sync-free\": transformers' own generate "
+                                  "passes CompileConfig's mode (default reduce-overhead) with them to torch.compile, which takes one of the two")
         kw["compile_mode"] = mode
     if gen.get("prompt_lookup_num_tokens") is not None:
         kw["prompt_lookup"] = _int(gen["prompt_lookup_num_tokens"], "generate.prompt_lookup_num_tokens")
@@ -358,12 +362,6 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             raise ConfigError(f"runtime.decode_loop: unknown loop {rt['decode_loop']!r}; use one of {', '.join(DECODE_LOOPS)} "
                               "(or null for transformers' own)")
         kw["decode_loop"] = rt["decode_loop"]
-    if compile_options and kw.get("decode_loop") != "sync-free":
-        # transformers' generate (5.17 to 5.24 at least: modeling_utils.get_compiled_call) calls
-        # torch.compile(**CompileConfig.to_dict()), which always holds a mode (default
-        # reduce-overhead), and torch.compile refuses mode and options together
-        raise ConfigError("generate.compile_config.options: only with runtime.decode_loop \"sync-free\": transformers' own generate "
-                          "passes CompileConfig's mode (default reduce-overhead) with them to torch.compile, which takes one of the two")
     if rt.get("launch") is not None:
         if not isinstance(rt["launch"], str):
             raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
