@@ -224,8 +224,9 @@ class Search:
         # and the head-to-head process of each finalist the prior did not foresee, where it fits:
         # launched by the head-to-head, one compiled alone while the GPU waited (17 s of the 7 B
         # tune on an H200, docs/PERFORMANCE.md)
-        unforeseen = [t for t in rest if t.label in launched and t.label not in self.spares and t is not twin]
-        if unforeseen and self.overlap_fits(unforeseen + [t for t in rest if t.label in launched] + held()):
+        started = [t for t in rest if t.label in launched]
+        unforeseen = [t for t in started if t.label not in self.spares and t is not twin]
+        if unforeseen and self.overlap_fits(unforeseen + started + held()):
             self.spares.update(bench.launch(unforeseen, later=1))
         if ahead_labels:
             others = (["transformers' default"] if base_launch else []) + ([f"{len(spare_labels)} head-to-head process(es)"] if spare_labels else [])
