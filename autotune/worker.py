@@ -679,7 +679,7 @@ def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any
 
     with torch.inference_mode():
         ref = model.generate(ids, **{**base, "disable_compile": True}, custom_generate=None)
-    return {"name": decode.NAME, "runs": decode.stats["runs"], **_agreement(torch, seq, ref, ids.shape[1]),
+    return {"name": decode.NAME, **_agreement(torch, seq, ref, ids.shape[1]),
             "against": "transformers' generate, uncompiled, same weights"}
 
 
