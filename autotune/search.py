@@ -53,6 +53,12 @@ SCREEN_BLIND = frozenset({"flex_attention"})
 # Head to head: a leader is decisive when its interval clears the other's by 3x the spread and
 # it leads by this factor (dynamic-cache runs move +-20 % between processes, compiled ones ~10 %).
 DECISIVE = {"eager": 1.25, "compiled": 1.10}
+# ...except between two candidates whose greedy decode replays the sync-free loop's own CUDA
+# graph: those agree within 0.3 % between fresh processes (H200, each in 2 processes: 1.1 B bf16
+# 615.4 / 615.0, fp16 613.3 / 613.9; 7 B bf16 212.2 / 212.3, fp16 215.7 / 215.9; max-autotune's
+# 666.6 / 676.2, docs/gpu/h200-oracle-*-b1.json), so a second process cannot reorder them by more
+# than that: they get none, neither held beside the screen nor in the head-to-head
+OWN_GRAPH_SPREAD = 0.003
 DECODE_LOOPS = ("auto", "transformers", "sync-free")
 # prompt_lookup_num_tokens tried: the method's reference code proposes 10 (apoorvumang/prompt-lookup-decoding,
 # find_candidate_pred_tokens(num_pred_tokens=10)); llama-cpp-python's README advises 10 on a GPU and 2 on a
@@ -160,7 +166,7 @@ class Search:
         added = bench.add([self.variant("compiled", ahead_of[0], loop=None)]) if loop and ahead_of else []  # [] if already there
         twin = added[0] if added else None
         ahead_of = [*ahead_of, *added]
-        plan = [*ahead_of, baseline, *[t for t in ahead_of if t is not twin]] if ahead_of else []
+        plan = [*ahead_of, baseline, *[t for t in ahead_of if t is not twin and not own_graph(t)]] if ahead_of else []
         while plan and not self.overlap_fits(plan, also=seen):
             plan.pop()
         ahead = bench.launch(plan[:len(ahead_of)])
@@ -225,7 +231,7 @@ class Search:
         # launched by the head-to-head, one compiled alone while the GPU waited (17 s of the 7 B
         # tune on an H200, docs/PERFORMANCE.md)
         started = [t for t in rest if t.label in launched]
-        unforeseen = [t for t in started if t.label not in self.spares and t is not twin]
+        unforeseen = [t for t in started if t.label not in self.spares and t is not twin and not own_graph(t)]
         if unforeseen and self.overlap_fits(unforeseen + started + held()):
             self.spares.update(bench.launch(unforeseen, later=1))
         if ahead_labels:
@@ -472,6 +478,11 @@ class Search:
         if len(ranked) < 2:
             return
         a, b = ranked[:2]
+        if own_graph(a, self.space.device) and own_graph(b, self.space.device):
+            gap = (a.median("decode_tok_s") or 0) / max(b.median("decode_tok_s") or 0, 1e-9) - 1
+            self.notes.append(f"finalists not re-measured: {a.label} and {b.label} ({gap:+.1%}) both replay the sync-free loop's "
+                              f"own CUDA graph, whose speed moves about {OWN_GRAPH_SPREAD:.1%} between fresh processes")
+            return
         factor = DECISIVE["compiled" if regime(a.config, self.space.device) == regime(b.config, self.space.device) == "compiled" else "eager"]
         if judge.objective == "throughput" and decisive(a, b, factor):
             self.notes.append(f"finalists not re-measured: {a.label} leads {b.label} by more than {factor:.2f}x and 3x the spread of either")
@@ -493,6 +504,16 @@ class Search:
     def overlap_fits(self, trials: list[Trial], also: Sequence[Trial] = ()) -> bool:
         """May ``trials`` warm up at once (beside the biggest of ``also``, a screen)? See Space.fit_together."""
         return self.bench.can_launch() and self.space.fit_together(trials, also)
+
+
+def own_graph(t: Trial, device: str = "cuda") -> bool:
+    """Does ``t``'s greedy decode replay the sync-free loop's own CUDA graph (``decode._step_fn``:
+    compiled on CUDA, a compile mode that asks for CUDA graphs, no inductor options)? The tune
+    measures greedy decoding only."""
+    gen, rt = t.config.get("generate") or {}, t.config.get("runtime") or {}
+    cc = gen.get("compile_config") or {}
+    return (rt.get("decode_loop") == "sync-free" and regime(t.config, device) == "compiled" and not cc.get("options")
+            and cc.get("mode", "reduce-overhead") in ("reduce-overhead", "max-autotune"))
 
 
 def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:

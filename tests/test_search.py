@@ -490,6 +490,29 @@ def test_the_loops_twin_compiles_beside_the_finalists_and_is_timed_alone(llama):
     assert twin.status == "ok" and twin.median("decode_tok_s") < r.pick.median("decode_tok_s")
 
 
+def test_close_finalists_on_the_loops_own_graphs_get_no_second_process(llama):
+    # bf16 and fp16 sdpa with the sync-free loop, 5 % apart (within DECISIVE's 10 %): with
+    # transformers' loop they get a head-to-head process each (the test above); replayed from the
+    # loop's own CUDA graph, whose speed moves ~0.3 % between processes, neither is launched
+    runner = LaunchingRunner()
+    r = tuned(llama, runner)
+    ev = runner.events
+    loop_bf16, loop_fp16 = BF16 + " sync-free-loop", FP16 + " sync-free-loop"
+    assert ev.count(("launch", loop_bf16)) == 1 and ev.count(("launch", loop_fp16)) == 1, ev
+    assert [lb for what, lb in ev if what == "release" and lb in (loop_bf16, loop_fp16)] == [loop_bf16, loop_fp16]
+    assert r.pick.label == loop_bf16
+    assert any("finalists not re-measured" in n and "own CUDA graph" in n for n in r.notes), r.notes
+    # a compile mode the loop does not capture itself (inductor options, or none asking for graphs) keeps them
+    from autotune.search import own_graph
+
+    pick = r.pick
+    assert own_graph(pick) and not own_graph(pick, "cpu")
+    for cc in ({"options": {"coordinate_descent_tuning": True}}, {"mode": "default"}):
+        other = Trial(label="x", stage="compiled", config={**pick.config, "generate": {**pick.config["generate"], "compile_config": cc}})
+        assert not own_graph(other), cc
+    assert not own_graph(next(t for t in r.trials if t.label == BF16)), "transformers' own loop"
+
+
 def test_nothing_warms_up_beside_others_under_a_memory_budget(llama):
     runner = LaunchingRunner()
     Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner, check_capacity=False,
