@@ -15,8 +15,11 @@ The parts, one job each:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,7 @@ class TuneResult:
     quality_floor: Any = None
     interrupted: bool = False
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: the search, judging, the capacity check
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,7 @@ class TuneResult:
             "capacity": self.capacity,
             "notes": self.notes,
             "timeline": self.timeline,
+            "phases": self.phases,
             "trials": [t.to_dict() for t in self.trials],
         }
 
@@ -130,10 +135,13 @@ class Tuner(OnBench):
         self.check_capacity = check_capacity
 
     def run(self) -> TuneResult:
+        import_in_background("torch")  # the judge reads the candidates' logits with it once the search ends
         interrupted = self.run_search(self.search.run)
+        phases = {"search_s": self.bench.elapsed()}
         floor = self.judge.check_quality(self.trials)
         self.judge.compile_breakeven(self.trials, self.workload.new_tokens)
         pick = self.judge.choose(self.trials)
+        phases["judge_s"] = self.bench.elapsed() - phases["search_s"]
         capacity: dict[str, Any] = {}
         if pick:
             cap = Capacity(self.space, self.bench)
@@ -147,11 +155,29 @@ class Tuner(OnBench):
             self.notes.append(f"{len(self.bench.contended)} run(s) shared the machine with other work and are not cached "
                               f"(their figures may be low): {self.bench.contended[0]}")
         config = finish_config(pick.config, self.facts, self.workload, self.objective, measured=True) if pick else {}
+        phases["capacity_s"] = self.bench.elapsed() - phases["search_s"] - phases["judge_s"]
         return TuneResult(
             config=config, trials=self.trials, pick=pick, baseline=self.search.baseline, facts=self.facts, model=self.model,
             workload=self.workload, objective=self.objective, wall_s=self.bench.elapsed(), measured=True, notes=self.notes,
             capacity=capacity, quality_floor=floor, interrupted=interrupted, timeline=self.bench.timeline,
+            phases={k: round(v, 1) for k, v in phases.items()},
         )
+
+
+def import_in_background(name: str) -> None:
+    """Import ``name`` on a daemon thread unless it is imported already: the search spends its time
+    waiting on child processes, and the judge, after it, needs torch in this process (an import of
+    seconds on a busy host). A failed import is left for the caller's own import to report."""
+    if name in sys.modules:
+        return
+
+    def run() -> None:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - reported where it is imported for use
+            pass
+
+    threading.Thread(target=run, name=f"import {name}", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------- the public call

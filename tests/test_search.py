@@ -293,6 +293,9 @@ def test_the_tune_report_says_where_its_time_went(llama):
     assert any(e["label"].startswith("screen:") for e in timeline) and any(e["label"].startswith("baseline") for e in timeline)
     assert all(e["wall_s"] >= 0 and not e["cached"] for e in timeline)
     assert [e["start_s"] for e in timeline] == sorted(e["start_s"] for e in timeline)
+    phases = r.to_dict()["phases"]
+    assert set(phases) == {"search_s", "judge_s", "capacity_s"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(r.wall_s, abs=0.2)
 
 
 def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
