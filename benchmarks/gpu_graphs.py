@@ -3,7 +3,8 @@ torch.compile's (one replay a step) and transformers' compiled loop, in one proc
 model, batch 1, prompt 512, 128 new tokens, greedy.
 
     PYTHONPATH=. python3 benchmarks/gpu_graphs.py --shape 1.1b --out DIR
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant int4wo --out DIR   # torchao as a wheel
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant torchao-int4wo --out DIR   # torchao as a wheel
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant 'torchao-int4wo:{"group_size": 256}' --out DIR
 
 Each row: warm-up calls (the first compiles), then the median of 5 timed generates; decode
 tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
@@ -106,7 +107,10 @@ def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Pat
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
-    ap.add_argument("--quant", action="append", default=[], help="torchao kinds (space.TORCHAO_KINDS, e.g. torchao-int4wo) to run with the loop")
+    ap.add_argument("--quant", action="append", default=[], metavar="KIND[:JSON]",
+                    help="torchao kinds (space.TORCHAO_KINDS, e.g. torchao-int4wo) to run with the loop; JSON after a colon "
+                         "overrides the kind's config fields, e.g. 'torchao-int4wo:{\"group_size\": 256}'")
+    ap.add_argument("--options-for", choices=["all", "quant"], default="all", help="which models get the --options rows")
     ap.add_argument("--steps", default="1,0", help="graph_steps values for bf16 (0: torch.compile's CUDA graphs)")
     ap.add_argument("--quant-steps", default="1", help="graph_steps values for each --quant")
     ap.add_argument("--budget-s", type=float, default=480, help="skip what is left after this long")
@@ -137,7 +141,11 @@ def main() -> None:
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
     def variant(name, quant, rows):
-        cfg = candidate_config("bfloat16", "sdpa", quant=quant)
+        kind, _, fields = (quant or "").partition(":")
+        cfg = candidate_config("bfloat16", "sdpa", quant=kind or None)
+        if fields:  # e.g. another int4 group size than the candidate's
+            data = cfg["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_data"]
+            data.update(json.loads(fields))
         cfg["from_pretrained"]["device_map"] = {"": 0}
         cfg["generate"] = {"cache_implementation": "static"}
         t = time.perf_counter()
@@ -176,7 +184,7 @@ def main() -> None:
 
     more = [(f"sync-free graph_steps=1 options={o}", {"graph_steps": 1, "compile_config": CompileConfig(options={**json.loads(o), "triton.cudagraphs": True})})
             for o in args.options]
-    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + more)
+    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else []))
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
         variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
