@@ -108,10 +108,13 @@ def regime(cfg: dict[str, Any], device: str) -> str:
 
 
 def same_candidate(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Two configs that load and generate alike (placement keys aside)."""
+    """Two configs that load and generate alike (placement keys aside), with the same SDPA backend
+    and decode loop."""
     def key(c: dict[str, Any]) -> tuple:
         fp = {k: v for k, v in (c.get("from_pretrained") or {}).items() if k not in ("device_map", "max_memory")}
-        return (sorted(fp.items(), key=str), sorted((c.get("generate") or {}).items()), (c.get("runtime") or {}).get("sdpa_backend"))
+        rt = c.get("runtime") or {}
+        return (sorted(fp.items(), key=str), sorted((c.get("generate") or {}).items(), key=str), rt.get("sdpa_backend"),
+                rt.get("decode_loop") or "transformers")
     return key(a) == key(b)
 
 

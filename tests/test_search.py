@@ -179,6 +179,16 @@ def test_oracle_ratio_on_recorded_rows():
     assert oracle.ratio(pick, rows)["ratio"] == 1.0
     quant = {"from_pretrained": {"dtype": "bfloat16", "quantization_config": {"load_in_4bit": True}}, "generate": {}, "runtime": {}}
     assert oracle.ratio(quant, rows)["ratio"] is None
+    # the same candidate with the sync-free loop is another row (1.1 B b8 on an H200: the loop's 3,683.6 tok/s was
+    # matched to transformers' loop's 2,383.6 row when only the SDPA backend of the runtime was compared)
+    looped = row("bfloat16", "sdpa", 400.0)
+    looped["label"], looped["config"]["runtime"]["decode_loop"] = "bfloat16 sdpa loop", "sync-free"
+    pick["runtime"]["decode_loop"] = "sync-free"
+    assert oracle.ratio(pick, rows)["ratio"] is None, "no row of the loop yet"
+    v = oracle.ratio(pick, [*rows, looped])
+    assert v["pick"] == "bfloat16 sdpa loop" and v["ratio"] == 1.0
+    del pick["runtime"]["decode_loop"]
+    assert oracle.ratio(pick, [*rows, looped]) == {**v, "pick": "bfloat16 sdpa True", "pick_tok_s": 292.9, "ratio": round(292.9 / 400.0, 3)}
     rows[0]["screen_step_ms"], rows[1]["screen_step_ms"], rows[2]["screen_step_ms"] = 1.0, 1.1, 2.0
     agree = oracle.rank_agreement(rows)
     assert agree["pairs"] == 3 and agree["kendall_tau"] == 1.0 and agree["screen_best_over_runs_best"] == 1.0
