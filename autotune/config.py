@@ -63,6 +63,7 @@ class Candidate:
     sdpa_backend: Any = None
     quantization: str = "none"  # none / bnb-8bit / bnb-4bit / torchao / other:<method>
     torchao_type: Any = None  # torchao's config class (quant_type's "_type"), e.g. "Int4WeightOnlyConfig"
+    torchao_sets_inductor_config: Any = None  # its _data.set_inductor_config (torchao's default: true)
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -82,6 +83,7 @@ class Candidate:
     model_class: Any = None  # runtime.model_class: the transformers Auto class to load with (None: AutoModelForCausalLM)
     torch_compile: Any = None  # runtime.compile: torch.compile's mode ("default", "reduce-overhead", ...) or None
     compile_mode: Any = None  # generate.compile_config.mode (transformers' CompileConfig; None: its default, reduce-overhead)
+    compile_options: tuple[str, ...] = ()  # generate.compile_config.options: the inductor options set (truthy), by name
     decode_loop: Any = None  # runtime.decode_loop: "sync-free" (autotune.decode through custom_generate) or None (transformers' own)
     prompt_lookup: Any = None  # generate.prompt_lookup_num_tokens: tokens proposed per step by prompt-lookup decoding (None: off)
 
@@ -108,6 +110,8 @@ class Candidate:
             parts.append(q)
         if self.cache_implementation:
             mode = f"({self.compile_mode})" if self.compile and self.compile_mode not in (None, "reduce-overhead") else ""
+            shown = [o.replace("_", "-") for o in self.compile_options if o != "triton.cudagraphs"]  # the loop's own graph
+            mode = f"({','.join(shown)})" if self.compile and shown else mode
             parts.append(f"{self.cache_implementation}-cache" + (f"+compile{mode}" if self.compile else ""))
         if self.decode_loop:
             parts.append(f"{self.decode_loop}-loop")
@@ -276,6 +280,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         elif method == "torchao":
             kw["quantization"] = "torchao"
             kw["torchao_type"] = torchao_type(q)
+            data = q["quant_type"]["default"].get("_data")
+            kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True)) if isinstance(data, Mapping) else True
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):
@@ -335,6 +341,7 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
                 # reduce-overhead), and torch.compile refuses mode and options together
                 raise ConfigError("generate.compile_config.options: only with runtime.decode_loop \"sync-free\": transformers' own generate "
                                   "passes CompileConfig's mode (default reduce-overhead) with them to torch.compile, which takes one of the two")
+            kw["compile_options"] = tuple(sorted(k for k, v in cc["options"].items() if v))
         kw["compile_mode"] = mode
     if gen.get("prompt_lookup_num_tokens") is not None:
         kw["prompt_lookup"] = _int(gen["prompt_lookup_num_tokens"], "generate.prompt_lookup_num_tokens")

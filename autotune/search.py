@@ -508,12 +508,12 @@ class Search:
 
 def own_graph(t: Trial, device: str = "cuda") -> bool:
     """Does ``t``'s greedy decode replay the sync-free loop's own CUDA graph (``decode._step_fn``:
-    compiled on CUDA, a compile mode that asks for CUDA graphs, no inductor options)? The tune
+    compiled on CUDA, with a compile mode or inductor options that ask for CUDA graphs)? The tune
     measures greedy decoding only."""
     gen, rt = t.config.get("generate") or {}, t.config.get("runtime") or {}
     cc = gen.get("compile_config") or {}
-    return (rt.get("decode_loop") == "sync-free" and regime(t.config, device) == "compiled" and not cc.get("options")
-            and cc.get("mode", "reduce-overhead") in ("reduce-overhead", "max-autotune"))
+    graphs = bool(cc["options"].get("triton.cudagraphs")) if cc.get("options") else cc.get("mode", "reduce-overhead") in ("reduce-overhead", "max-autotune")
+    return rt.get("decode_loop") == "sync-free" and regime(t.config, device) == "compiled" and graphs
 
 
 def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:

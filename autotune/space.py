@@ -35,6 +35,16 @@ TORCHAO_KINDS = {
     "torchao-float8dq": {"_type": "Float8DynamicActivationFloat8WeightConfig", "_version": 2,
                          "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {}}, "set_inductor_config": False}},
 }
+# Inductor options a torchao kind compiles with, given to the sync-free loop as
+# generate.compile_config.options (transformers' own loop cannot take options: config.py). int8
+# weight-only: without coordinate-descent tuning inductor lowers torchao's x @ w.to(bf16) * scale to
+# aten._weight_int8pack_mm (fx_passes/quantization.py, the woq patterns, registered for CUDA too),
+# which decoded a 7 B shape at 19.7 tok/s on an H200; with it the M=1 matmul is decomposed into a
+# fused Triton reduction first (decomposition.py mm: "Our matrix vector multiplies only achieve
+# peak bandwidth with coordinate descent tuning"): 276.9 tok/s, against bf16's 215
+# (docs/gpu/h200-s10-graphs-7b-int8.json). int4's tinygemm kernel is no matmul inductor decomposes:
+# the same option made it slower (316.7 vs 331.3 tok/s, h200-s10-graphs-7b-int4.json).
+TORCHAO_COMPILE_OPTIONS = {"torchao-int8wo": {"coordinate_descent_tuning": True, "triton.cudagraphs": True}}
 
 
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
@@ -63,6 +73,8 @@ def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache
         gen["disable_compile"] = not compile_
         if compile_ and compile_mode:
             gen["compile_config"] = {"mode": compile_mode}
+        elif compile_ and loop == "sync-free" and quant in TORCHAO_COMPILE_OPTIONS:
+            gen["compile_config"] = {"options": dict(TORCHAO_COMPILE_OPTIONS[quant])}
     if lookup:
         gen["prompt_lookup_num_tokens"] = lookup
     rt: dict[str, Any] = {"sdpa_backend": backend}
