@@ -5,6 +5,8 @@ model, batch 1, prompt 512, 128 new tokens, greedy.
     PYTHONPATH=. python3 benchmarks/gpu_graphs.py --shape 1.1b --out DIR
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant torchao-int4wo --out DIR   # torchao as a wheel
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant 'torchao-int4wo:{"group_size": 256}' --out DIR
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b \
+        --quant '{"_type": "UIntxWeightOnlyConfig", "_version": 1, "_data": {"bit_width": 4, "group_size": 128}}' --out DIR   # gemlite's kernels (its wheel too)
 
 Each row: warm-up calls (the first compiles), then the median of 5 timed generates; decode
 tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
@@ -109,7 +111,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
     ap.add_argument("--quant", action="append", default=[], metavar="KIND[:JSON]",
                     help="torchao kinds (space.TORCHAO_KINDS, e.g. torchao-int4wo) to run with the loop; JSON after a colon "
-                         "overrides the kind's config fields, e.g. 'torchao-int4wo:{\"group_size\": 256}'")
+                         "overrides the kind's config fields, e.g. 'torchao-int4wo:{\"group_size\": 256}'; or a whole torchao config "
+                         "in TorchAoConfig's JSON form, '{\"_type\": ..., \"_version\": ..., \"_data\": {...}}'")
     ap.add_argument("--options-for", choices=["all", "quant"], default="all", help="which models get the --options rows")
     ap.add_argument("--steps", default="1,0", help="graph_steps values for bf16 (0: torch.compile's CUDA graphs)")
     ap.add_argument("--quant-steps", default="1", help="graph_steps values for each --quant")
@@ -141,8 +144,10 @@ def main() -> None:
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
     def variant(name, quant, rows):
-        kind, _, fields = (quant or "").partition(":")
+        kind, _, fields = (quant or "").partition(":") if not (quant or "").startswith("{") else ("", "", "")
         cfg = candidate_config("bfloat16", "sdpa", quant=kind or None)
+        if (quant or "").startswith("{"):  # a torchao config of no candidate kind, e.g. a prototype's
+            cfg["from_pretrained"]["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": json.loads(quant)}}
         if fields:  # e.g. another int4 group size than the candidate's
             data = cfg["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_data"]
             data.update(json.loads(fields))
