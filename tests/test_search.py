@@ -514,7 +514,7 @@ def test_the_loops_twin_compiles_beside_the_finalists_and_is_timed_alone(llama):
 def test_close_finalists_on_the_loops_own_graphs_get_no_second_process(llama):
     # bf16 and fp16 sdpa with the sync-free loop, 5 % apart (within DECISIVE's 10 %): with
     # transformers' loop they get a head-to-head process each (the test above); replayed from the
-    # loop's own CUDA graph, whose speed moves ~0.3 % between processes, neither is launched
+    # loop's own CUDA graph, whose speed moves ~0.5 % between processes, neither is launched
     runner = LaunchingRunner()
     r = tuned(llama, runner)
     ev = runner.events
