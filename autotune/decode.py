@@ -186,6 +186,32 @@ def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: A
     return nxt, pos + 1, unfinished, logits
 
 
+# transformers' CompileConfig defaults (generation/configuration_utils.py, 5.17.0)
+COMPILE_CONFIG_DEFAULTS = {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead", "options": None}
+
+
+def compile_kwargs(compile_config: dict[str, Any] | None, *, greedy: bool, graph_steps: int) -> tuple[dict[str, Any], bool]:
+    """torch.compile's keywords for the step from a CompileConfig's fields (a dict, missing ones at
+    their defaults), and whether the loop captures the CUDA graphs itself: where the mode or the
+    inductor options ask for CUDA graphs, ``graph_steps`` > 0 and decoding is greedy, the step is
+    compiled without them (see :func:`_step_fn`). No torch needed: the search asks it of configs."""
+    opts = {k: v for k, v in {**COMPILE_CONFIG_DEFAULTS, **(compile_config or {})}.items() if k in COMPILE_CONFIG_DEFAULTS}
+    if opts.get("options"):
+        opts.pop("mode", None)  # torch.compile takes one of mode / options
+    if opts.get("dynamic") is None:
+        opts["dynamic"] = False
+    own = False
+    if graph_steps > 0 and greedy and opts.get("backend", "inductor") == "inductor":
+        if opts.get("options"):
+            if opts["options"].get("triton.cudagraphs"):
+                opts["options"] = {**opts["options"], "triton.cudagraphs": False}
+                own = True
+        elif opts.get("mode") in ("reduce-overhead", "max-autotune"):
+            opts["mode"] = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}[opts["mode"]]
+            own = True
+    return opts, own
+
+
 def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any,
              graph_steps: int = 0) -> tuple[Callable[..., Any], bool]:
     """The step, compiled as one graph on CUDA with the generation config's CompileConfig
@@ -201,21 +227,7 @@ def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: A
     import torch
 
     cc = generation_config.compile_config
-    opts = cc.to_dict() if cc is not None else {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead", "options": None}
-    opts = {k: v for k, v in opts.items() if k in ("fullgraph", "dynamic", "backend", "mode", "options")}
-    if opts.get("options"):
-        opts.pop("mode", None)  # torch.compile takes one of mode / options
-    if opts.get("dynamic") is None:
-        opts["dynamic"] = False
-    own = False
-    if graph_steps > 0 and not plan["do_sample"] and opts.get("backend", "inductor") == "inductor":
-        if opts.get("options"):
-            if opts["options"].get("triton.cudagraphs"):
-                opts["options"] = {**opts["options"], "triton.cudagraphs": False}
-                own = True
-        elif opts.get("mode") in ("reduce-overhead", "max-autotune"):
-            opts["mode"] = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}[opts["mode"]]
-            own = True
+    opts, own = compile_kwargs(cc.to_dict() if cc is not None else None, greedy=not plan["do_sample"], graph_steps=graph_steps)
     key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), _plan_key(plan))
     fn = _compiled.get(key)
     if fn is None:

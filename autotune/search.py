@@ -510,13 +510,12 @@ class Search:
 
 
 def own_graph(t: Trial, device: str = "cuda") -> bool:
-    """Does ``t``'s greedy decode replay the sync-free loop's own CUDA graph (``decode._step_fn``:
-    compiled on CUDA, with a compile mode or inductor options that ask for CUDA graphs)? The tune
-    measures greedy decoding only."""
-    gen, rt = t.config.get("generate") or {}, t.config.get("runtime") or {}
-    cc = gen.get("compile_config") or {}
-    graphs = bool(cc["options"].get("triton.cudagraphs")) if cc.get("options") else cc.get("mode", "reduce-overhead") in ("reduce-overhead", "max-autotune")
-    return rt.get("decode_loop") == "sync-free" and regime(t.config, device) == "compiled" and graphs
+    """Does ``t``'s greedy decode replay the sync-free loop's own CUDA graph (compiled on CUDA, and
+    ``decode.compile_kwargs`` says so of its compile config)? The tune measures greedy decoding only."""
+    from . import decode
+
+    _, own = decode.compile_kwargs((t.config.get("generate") or {}).get("compile_config"), greedy=True, graph_steps=decode.GRAPH_STEPS)
+    return (t.config.get("runtime") or {}).get("decode_loop") == "sync-free" and regime(t.config, device) == "compiled" and own
 
 
 def decisive(a: Trial, b: Trial, factor: float = DECISIVE["eager"]) -> bool:
