@@ -144,9 +144,10 @@ def main() -> None:
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
     def variant(name, quant, rows):
-        kind, _, fields = (quant or "").partition(":") if not (quant or "").startswith("{") else ("", "", "")
+        raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
+        kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
         cfg = candidate_config("bfloat16", "sdpa", quant=kind or None)
-        if (quant or "").startswith("{"):  # a torchao config of no candidate kind, e.g. a prototype's
+        if raw:
             cfg["from_pretrained"]["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": json.loads(quant)}}
         if fields:  # e.g. another int4 group size than the candidate's
             data = cfg["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_data"]
