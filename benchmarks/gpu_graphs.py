@@ -51,6 +51,13 @@ def copy_bandwidth(torch) -> float:
     return 2 * 2 * 1024**3 / s / 1e12
 
 
+def _err(e: BaseException, where: str = "") -> str:
+    """An exception as one string: its start and its end (a Triton CompilationError names the
+    failing line first and the reason last)."""
+    s = f"{where}{type(e).__name__}: {e}"
+    return s if len(s) <= 800 else s[:400] + " [...] " + s[-400:]
+
+
 def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Path | None = None) -> dict:
     from autotune import decode
     from autotune.worker import _ChunkClock
@@ -116,6 +123,8 @@ def main() -> None:
     ap.add_argument("--options-for", choices=["all", "quant"], default="all", help="which models get the --options rows")
     ap.add_argument("--steps", default="1,0", help="graph_steps values for bf16 (0: torch.compile's CUDA graphs)")
     ap.add_argument("--quant-steps", default="1", help="graph_steps values for each --quant")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="the model's dtype in every row (gemlite's 4-bit GEMM wants float16: torchao's HQQ scales are float16)")
     ap.add_argument("--budget-s", type=float, default=480, help="skip what is left after this long")
     ap.add_argument("--skip-transformers", action="store_true", help="no row for transformers' own compiled loop")
     ap.add_argument("--trace", action="store_true", help="save a profiler trace of each row (DIR/trace-*.json)")
@@ -146,7 +155,7 @@ def main() -> None:
     def variant(name, quant, rows):
         raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
         kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
-        cfg = candidate_config("bfloat16", "sdpa", quant=kind or None)
+        cfg = candidate_config(args.dtype, "sdpa", quant=kind or None)
         if raw:
             cfg["from_pretrained"]["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": json.loads(quant)}}
         if fields:  # e.g. another int4 group size than the candidate's
@@ -155,7 +164,13 @@ def main() -> None:
         cfg["from_pretrained"]["device_map"] = {"": 0}
         cfg["generate"] = {"cache_implementation": "static"}
         t = time.perf_counter()
-        model = load(path, cfg)
+        try:
+            model = load(path, cfg)
+        except Exception as e:  # e.g. a torchao prototype whose kernel package does not match: the other rows still run
+            res["rows"].append({"label": name, "error": _err(e, "load: ")})
+            print(json.dumps(res["rows"][-1]), flush=True)
+            save()
+            return
         load_s = time.perf_counter() - t
         ref = None
         for label, loop in rows:
@@ -166,7 +181,7 @@ def main() -> None:
                 tr = out / f"trace-{len(res['rows'])}.json" if args.trace else None
                 row, toks = run(torch, model, x, kw, loop, warm=3 if loop is None else 2, reps=5, trace=tr)
             except Exception as e:
-                row, toks = {"error": f"{type(e).__name__}: {e}"[:400]}, None
+                row, toks = {"error": _err(e)}, None
             row = {"label": f"{name} {label}", "load_s": round(load_s, 1), **row}
             if toks is not None:
                 if ref is None:
@@ -190,10 +205,10 @@ def main() -> None:
 
     more = [(f"sync-free graph_steps=1 options={o}", {"graph_steps": 1, "compile_config": CompileConfig(options={**json.loads(o), "triton.cudagraphs": True})})
             for o in args.options]
-    variant("bfloat16 sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else []))
+    variant(f"{args.dtype} sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else []))
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
-        variant(f"bfloat16 sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
+        variant(f"{args.dtype} sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
     from autotune import decode
 
     res["decode_stats"] = dict(decode.stats)
