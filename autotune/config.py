@@ -64,6 +64,7 @@ class Candidate:
     quantization: str = "none"  # none / bnb-8bit / bnb-4bit / torchao / other:<method>
     torchao_type: Any = None  # torchao's config class (quant_type's "_type"), e.g. "Int4WeightOnlyConfig"
     torchao_sets_inductor_config: Any = None  # its _data.set_inductor_config (torchao's default: true)
+    torchao_bit_width: Any = None  # _data.bit_width of torchao's gemlite-backed UIntx configs (their default: 4)
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -282,6 +283,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             kw["torchao_type"] = torchao_type(q)
             data = q["quant_type"]["default"].get("_data")
             kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True)) if isinstance(data, Mapping) else True
+            if kw["torchao_type"] in TORCHAO_UINTX:
+                kw["torchao_bit_width"] = data.get("bit_width", 4) if isinstance(data, Mapping) else 4
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):
@@ -431,6 +434,8 @@ def _bnb_options(q: Mapping[str, Any], kw: dict[str, Any], prefix: str) -> None:
 
 
 # torchao's config classes, as the config dict names them (quant_type's "_type") and as labels say them
+# torchao's prototype configs on gemlite's Triton kernels (torchao/prototype/quantization/quant_api.py, 0.18.0)
+TORCHAO_UINTX = frozenset({"UIntxWeightOnlyConfig", "Int8DynamicActivationUIntxWeightConfig"})
 TORCHAO_SHORT = {"Int8WeightOnlyConfig": "int8wo", "Int4WeightOnlyConfig": "int4wo", "Float8WeightOnlyConfig": "float8wo",
                  "Float8DynamicActivationFloat8WeightConfig": "float8dq", "Int8DynamicActivationInt8WeightConfig": "int8dq"}
 

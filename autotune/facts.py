@@ -47,6 +47,7 @@ PACKAGES = (
     "optimum",
     "bitsandbytes",
     "torchao",
+    "gemlite",
     "flash-attn",
     "flash-attn-3",
     "flash-attn-4",
