@@ -41,8 +41,10 @@ TORCHAO_KINDS = {
 # aten._weight_int8pack_mm (fx_passes/quantization.py, the woq patterns, registered for CUDA too),
 # which decoded a 7 B shape at 19.7 tok/s on an H200; with it the M=1 matmul is decomposed into a
 # fused Triton reduction first (decomposition.py mm: "Our matrix vector multiplies only achieve
-# peak bandwidth with coordinate descent tuning"): 276.9 tok/s, against bf16's 215
-# (docs/gpu/h200-s10-graphs-7b-int8.json). int4's tinygemm kernel is no matmul inductor decomposes:
+# peak bandwidth with coordinate descent tuning"): 203-277 tok/s over four compiles, against bf16's
+# 211-215 (the tuning benchmarks block sizes, and its picks vary; h200-s10-graphs-7b-int8.json,
+# h200-s12-graphs-7b-int8-cd-fresh.json). Only one-row matmuls are decomposed: at batch 8 int8
+# crawls whatever the options (TORCHAO-INT8WO-BATCHED). int4's tinygemm kernel is no matmul inductor decomposes:
 # the same option made it slower (316.7 vs 331.3 tok/s, h200-s10-graphs-7b-int4.json).
 TORCHAO_COMPILE_OPTIONS = {"torchao-int8wo": {"coordinate_descent_tuning": True, "triton.cudagraphs": True}}
 
