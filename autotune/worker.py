@@ -621,7 +621,10 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if not cuda:
         res["contention"] = cpu_contention()
     if loop_check is not None:
-        # the timed runs decode what the checked warm-up did (greedy: the same tokens every call)
+        # whether the timed runs decoded what the checked warm-up did. Not a verdict: on a GPU greedy
+        # decoding need not repeat itself call to call (on an H200, random bf16 weights, transformers'
+        # own uncompiled generate agreed on 115 and 67 of 128 tokens with its first call:
+        # benchmarks/repeat_tokens.py, docs/gpu/h200-s12-repeat-1.1b-b1.json)
         same = bool(torch.equal(seq, warm_seq)) if len(batches) == 1 else None
         res["decode_loop"] = {**loop_check, "runs": decode.stats["runs"], "timed_equal_warmup": same}
     if lookup:

@@ -1,0 +1,98 @@
+"""Does greedy decoding repeat itself? The same prompt generated several times on one model, by
+transformers' loop uncompiled, by its compiled static cache, and by the sync-free loop (with and
+without cuDNN's SDPA kernel): for each way, whether every call gave the first call's tokens (and
+how many leading tokens of each row agree where not), and how each way's first call agrees with
+the uncompiled one. Random weights give nearly flat distributions, so any run-to-run difference
+in the kernels' sums shows as a flipped token.
+
+    PYTHONPATH=. python3 benchmarks/repeat_tokens.py --shape 1.1b --batch-size 1 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_tune import LLAMA_1_1B, LLAMA_7B, build  # noqa: E402
+
+SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
+
+
+def agree(torch, a, b, start: int) -> int:
+    """Leading new tokens equal in every row."""
+    same = (a[:, start:] == b[:, start:]).all(dim=0)
+    return int(same.int().cumprod(0).sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=150)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = build(Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
+    import torch
+
+    from autotune import decode
+    from autotune.config import load
+    from autotune.space import candidate_config
+
+    cfg = candidate_config(args.dtype, "sdpa")
+    cfg["from_pretrained"]["device_map"] = {"": 0}
+    cfg["generate"] = {"cache_implementation": "static"}
+    model = load(path, cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 32000, (args.batch_size, 512), generator=g).cuda()
+    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=128, min_new_tokens=128)
+    res = {"shape": args.shape, "batch_size": args.batch_size, "dtype": args.dtype, "device": torch.cuda.get_device_name(0),
+           "torch": torch.__version__, "ways": []}
+    ways = [("transformers, uncompiled", {"disable_compile": True}, None),
+            ("transformers, compiled static cache", {}, None),
+            ("sync-free loop, own CUDA graph", {"custom_generate": decode.generate, "graph_steps": 1}, None),
+            ("sync-free loop, own CUDA graph, cuDNN SDPA off", {"custom_generate": decode.generate, "graph_steps": 1}, "no-cudnn")]
+    ref = None
+    for name, extra, switch in ways:
+        if time.perf_counter() - t0 > args.budget_s:
+            res["ways"].append({"way": name, "skipped": "budget"})
+            continue
+        if switch == "no-cudnn":
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch._dynamo.reset()
+            decode._compiled.clear()
+        t = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                seqs = [model.generate(x, **kw, **extra) for _ in range(args.calls + (1 if extra.get("custom_generate") or not extra else 0))]
+        except Exception as e:
+            res["ways"].append({"way": name, "error": f"{type(e).__name__}: {e}"[:400]})
+            continue
+        if len(seqs) > args.calls:  # compiled: the first call compiles (and captures), as the worker's first warm-up
+            seqs = seqs[1:]
+        first = seqs[0]
+        ref = first if ref is None else ref
+        row = {"way": name, "s": round(time.perf_counter() - t, 1),
+               "calls_equal_first": [bool(torch.equal(s, first)) for s in seqs[1:]],
+               "calls_agree_first": [agree(torch, s, first, x.shape[1]) for s in seqs[1:]],
+               "agree_uncompiled": agree(torch, first, ref, x.shape[1])}
+        print(json.dumps(row), flush=True)
+        res["ways"].append(row)
+        (out / f"repeat-{args.shape}-b{args.batch_size}.json").write_text(json.dumps(res, indent=1))
+    res["total_s"] = round(time.perf_counter() - t0, 1)
+    (out / f"repeat-{args.shape}-b{args.batch_size}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
