@@ -5,6 +5,11 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Iterable, Mapping
 
+from .facts import PACKAGES
+
+# probed packages no option depends on by itself (the doctor's package line leaves them out)
+_PLUMBING = frozenset({"nvidia-ml-py", "safetensors", "huggingface-hub"})
+
 _MARK = {"available": "ok  ", "unavailable": "NO  ", "warning": "warn", "not evaluated": "?   "}
 _SEV = {"error": "error  ", "warning": "warning", "info": "info   "}
 
@@ -42,7 +47,7 @@ def facts_lines(facts: Mapping[str, Any]) -> list[str]:
     if drv:
         out.append(f"  Driver {drv.get('version', '?')} (CUDA {drv.get('cuda', '?')})")
     pk = facts.get("packages", {})
-    names = ["torch", "transformers", "accelerate", "optimum", "bitsandbytes", "flash-attn", "flash-attn-3", "flash-attn-4", "kernels", "triton"]
+    names = [n for n in PACKAGES if n not in _PLUMBING]  # every package an option needs, torchao and gemlite too
     shown = [f"{n} {pk[n] if pk.get(n) else '-'}" for n in names if n in pk]
     if shown:
         tc = facts.get("torch_cuda", "?")
