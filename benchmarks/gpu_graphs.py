@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, LLAMA_7B, build  # noqa: E402
+from gpu_tune import LLAMA_1_1B, LLAMA_7B, build, error_text  # noqa: E402
 
 SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
 
@@ -49,13 +49,6 @@ def copy_bandwidth(torch) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * 2 * 1024**3 / s / 1e12
-
-
-def _err(e: BaseException, where: str = "") -> str:
-    """An exception as one string: its start and its end (a Triton CompilationError names the
-    failing line first and the reason last)."""
-    s = f"{where}{type(e).__name__}: {e}"
-    return s if len(s) <= 800 else s[:400] + " [...] " + s[-400:]
 
 
 def run(torch, model, x, kw, loop: dict | None, warm: int, reps: int, trace: Path | None = None) -> dict:
@@ -167,7 +160,7 @@ def main() -> None:
         try:
             model = load(path, cfg)
         except Exception as e:  # e.g. a torchao prototype whose kernel package does not match: the other rows still run
-            res["rows"].append({"label": name, "error": _err(e, "load: ")})
+            res["rows"].append({"label": name, "error": error_text(e, "load: ")})
             print(json.dumps(res["rows"][-1]), flush=True)
             save()
             return
@@ -181,7 +174,7 @@ def main() -> None:
                 tr = out / f"trace-{len(res['rows'])}.json" if args.trace else None
                 row, toks = run(torch, model, x, kw, loop, warm=3 if loop is None else 2, reps=5, trace=tr)
             except Exception as e:
-                row, toks = {"error": _err(e)}, None
+                row, toks = {"error": error_text(e)}, None
             row = {"label": f"{name} {label}", "load_s": round(load_s, 1), **row}
             if toks is not None:
                 if ref is None:

@@ -46,6 +46,13 @@ def build(path: Path, shape: dict | None = None) -> Path:
     return path
 
 
+def error_text(e: BaseException, where: str = "") -> str:
+    """An exception as one string for a result row: its start and its end (a Triton
+    CompilationError names the failing line first and the reason last)."""
+    s = f"{where}{type(e).__name__}: {e}"
+    return s if len(s) <= 800 else s[:400] + " [...] " + s[-400:]
+
+
 def prepare(out_dir: str, model: Path, shape: dict | None = None) -> tuple[Path, Path]:
     """The output folder, the result cache out of the way, and the model (built if missing)."""
     out = Path(out_dir)

@@ -20,15 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, LLAMA_7B, build  # noqa: E402
+from gpu_tune import LLAMA_1_1B, LLAMA_7B, error_text, prepare  # noqa: E402
 
 SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
-
-
-def agree(torch, a, b, start: int) -> int:
-    """Leading new tokens equal in every row."""
-    same = (a[:, start:] == b[:, start:]).all(dim=0)
-    return int(same.int().cumprod(0).sum())
 
 
 def main() -> None:
@@ -41,14 +35,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = build(Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
+    out, path = prepare(args.out, Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
     import torch
 
     from autotune import decode
     from autotune.config import load
     from autotune.space import candidate_config
+    from autotune.worker import _agreement
 
     cfg = candidate_config(args.dtype, "sdpa")
     cfg["from_pretrained"]["device_map"] = {"": 0}
@@ -63,6 +56,7 @@ def main() -> None:
             ("transformers, compiled static cache", {}, None),
             ("sync-free loop, own CUDA graph", {"custom_generate": decode.generate, "graph_steps": 1}, None),
             ("sync-free loop, own CUDA graph, cuDNN SDPA off", {"custom_generate": decode.generate, "graph_steps": 1}, "no-cudnn")]
+    dest = out / f"repeat-{args.shape}-b{args.batch_size}.json"
     ref = None
     for name, extra, switch in ways:
         if time.perf_counter() - t0 > args.budget_s:
@@ -75,23 +69,24 @@ def main() -> None:
         t = time.perf_counter()
         try:
             with torch.inference_mode():
-                seqs = [model.generate(x, **kw, **extra) for _ in range(args.calls + (1 if extra.get("custom_generate") or not extra else 0))]
+                # a compiled way's first call compiles (and captures), as the worker's first warm-up: not counted
+                warm = 0 if extra.get("disable_compile") else 1
+                seqs = [model.generate(x, **kw, **extra) for _ in range(warm + args.calls)][warm:]
         except Exception as e:
-            res["ways"].append({"way": name, "error": f"{type(e).__name__}: {e}"[:400]})
+            res["ways"].append({"way": name, "error": error_text(e)})
             continue
-        if len(seqs) > args.calls:  # compiled: the first call compiles (and captures), as the worker's first warm-up
-            seqs = seqs[1:]
         first = seqs[0]
         ref = first if ref is None else ref
+        later = [_agreement(torch, s, first, x.shape[1]) for s in seqs[1:]]
         row = {"way": name, "s": round(time.perf_counter() - t, 1),
-               "calls_equal_first": [bool(torch.equal(s, first)) for s in seqs[1:]],
-               "calls_agree_first": [agree(torch, s, first, x.shape[1]) for s in seqs[1:]],
-               "agree_uncompiled": agree(torch, first, ref, x.shape[1])}
+               "calls_equal_first": [a["tokens_equal"] for a in later],
+               "calls_agree_first": [a["agree_tokens"] for a in later],
+               "agree_uncompiled": _agreement(torch, first, ref, x.shape[1])["agree_tokens"]}
         print(json.dumps(row), flush=True)
         res["ways"].append(row)
-        (out / f"repeat-{args.shape}-b{args.batch_size}.json").write_text(json.dumps(res, indent=1))
+        dest.write_text(json.dumps(res, indent=1))
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    (out / f"repeat-{args.shape}-b{args.batch_size}.json").write_text(json.dumps(res, indent=1))
+    dest.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
