@@ -31,10 +31,17 @@ the end, so for greedy decoding the tokens are those ``_sample`` returns.
 Sampling draws with the exponential-race trick (``argmax(p / q)``, ``q ~ Exp(1)``), which has
 multinomial's distribution but not its random stream.
 
+Prompt-lookup decoding (``prompt_lookup_num_tokens``), greedy and one row per call, runs in the
+loop too (:func:`_lookup_step`): the n-gram lookup on the GPU, one forward verifying the
+proposals, compiled once over fixed shapes and replayed from a CUDA graph of its own, on a static
+cache (transformers runs it only as uncompiled assisted decoding on a dynamic cache). Its tokens
+are greedy decoding's, and its proposals transformers' candidate generator's.
+
 What it does not handle — a streamer, beam search, ``return_dict_in_generate``, synced GPUs, a
 cache that is not a ``StaticCache``, a logits processor or stopping criterion other than those
-above — goes to ``_sample`` unchanged (the reason is logged once), and prompt-lookup decoding to
-``_assisted_decoding``, so the hook never changes what a call means.
+above, prompt lookup with sampling or more than one row — goes to ``_sample`` unchanged (the
+reason is logged once), and prompt-lookup decoding to ``_assisted_decoding``, so the hook never
+changes what a call means.
 """
 
 from __future__ import annotations
@@ -58,9 +65,9 @@ _compiled: dict[Any, Callable[..., Any]] = {}
 
 
 def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any, synced_gpus: bool,
-          streamer: Any, model_kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+          streamer: Any, model_kwargs: dict[str, Any], batch: int = 1) -> tuple[dict[str, Any] | None, str | None]:
     """What the loop must do, read off transformers' own processors and criteria, or why it
-    cannot (then ``_sample`` runs)."""
+    cannot (then ``_sample`` runs, or ``_assisted_decoding`` for prompt lookup)."""
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
 
@@ -72,8 +79,11 @@ def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_
         return None, "return_dict_in_generate"
     if getattr(generation_config, "is_assistant", False) or model.config.is_encoder_decoder:
         return None, "an assistant or encoder-decoder model"
-    if generation_config.prompt_lookup_num_tokens is not None:
-        return None, "prompt-lookup decoding (transformers' assisted decoding runs it)"
+    lookup = generation_config.prompt_lookup_num_tokens
+    if lookup is not None and generation_config.do_sample:
+        return None, "prompt-lookup decoding with sampling (transformers' assisted decoding runs it)"
+    if lookup is not None and batch != 1:
+        return None, "prompt-lookup decoding at batch size > 1 (transformers' assisted decoding takes one row)"
     if not hasattr(model, "_prefill") or not hasattr(model, "_update_model_kwargs_for_generation"):
         return None, "this transformers has no GenerationMixin._prefill"
     plan: dict[str, Any] = {"do_sample": bool(generation_config.do_sample), "min_length": 0, "eos_min": None,
@@ -125,6 +135,20 @@ def _plan(model: Any, logits_processor: Any, stopping_criteria: Any, generation_
         return None, "no cache (cache_implementation=\"static\" is needed)"
     if model_kwargs.get("inputs_embeds") is not None:
         return None, "inputs_embeds"
+    plan["lookup"] = None
+    if lookup is not None:
+        # the verifying step writes lookup + 1 positions and rewinds the rejected ones: each layer
+        # must be a plain StaticLayer that keeps its length as a tensor (transformers 5.17-5.24's
+        # cache_utils.StaticLayer.cumulative_length), and the cache one that can be made longer
+        import torch
+
+        layers = getattr(cache, "layers", None) or []
+        if not layers or getattr(cache, "offloading", False) or any(
+                type(layer).__name__ != "StaticLayer" or not torch.is_tensor(getattr(layer, "cumulative_length", None)) for layer in layers):
+            return None, ("prompt-lookup decoding on this cache (the loop needs full-attention StaticLayers that keep their length "
+                          "as a tensor, transformers 5.17+, not offloaded)")
+        plan["lookup"] = int(lookup)
+        plan["ngram"] = int(getattr(generation_config, "max_matching_ngram_size", None) or 2)
     return plan, None
 
 
@@ -213,7 +237,7 @@ def compile_kwargs(compile_config: dict[str, Any] | None, *, greedy: bool, graph
 
 
 def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: Any,
-             graph_steps: int = 0) -> tuple[Callable[..., Any], bool]:
+             graph_steps: int = 0, fn: Callable[..., Any] | None = None) -> tuple[Callable[..., Any], bool]:
     """The step, compiled as one graph on CUDA with the generation config's CompileConfig
     (transformers' own defaults: mode reduce-overhead, dynamic False); eager elsewhere. And
     whether the loop captures the CUDA graphs itself: where the mode asks for CUDA graphs
@@ -222,17 +246,18 @@ def _step_fn(model: Any, plan: dict[str, Any], generation_config: Any, device: A
     ``graph_steps`` steps in one ``torch.cuda.CUDAGraph``: torch.compile's CUDA graphs replay one
     step per Python call, each call paying dynamo's guards and cudagraph trees' bookkeeping on the
     host."""
+    fn = fn or _step
     if device.type != "cuda" or generation_config.disable_compile:
-        return _step, False
+        return fn, False
     import torch
 
     cc = generation_config.compile_config
     opts, own = compile_kwargs(cc.to_dict() if cc is not None else None, greedy=not plan["do_sample"], graph_steps=graph_steps)
-    key = (id(model), tuple(sorted((k, str(v)) for k, v in opts.items())), _plan_key(plan))
-    fn = _compiled.get(key)
-    if fn is None:
-        fn = _compiled[key] = torch.compile(_step, **opts)
-    return fn, own
+    key = (id(model), fn.__name__, tuple(sorted((k, str(v)) for k, v in opts.items())), _plan_key(plan))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = _compiled[key] = torch.compile(fn, **opts)
+    return compiled, own
 
 
 class _Graphs:
@@ -397,7 +422,8 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     import torch
     from transformers import GenerationMixin
 
-    plan, why = _plan(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs)
+    plan, why = _plan(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs,
+                      batch=int(input_ids.shape[0]))
     if plan is None:
         stats["fallbacks"] += 1
         stats["last_fallback"] = why
@@ -420,7 +446,15 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
         pad = (pad if pad is not None else eos[:1]).to(device).reshape(())
     probe = forced_tokens is not None and logits_out is not None
     k = max(0, int(GRAPH_STEPS if graph_steps is None else graph_steps))
-    step, own = _step_fn(model, plan, generation_config, device, k)
+    every = max(1, int(check_every or CHECK_EVERY))
+    if plan["lookup"] and not probe and n_new > 1:
+        return _lookup_generate(torch, model, input_ids, generation_config, model_kwargs, plan, eos, k, every, first_token_hook)
+    if plan["lookup"]:
+        # a quality probe (forced tokens: nothing to look up) or a single new token: plain steps,
+        # uncompiled (a compiled plain step would be a second graph, compiled for these few steps)
+        step, own = _step, False
+    else:
+        step, own = _step_fn(model, plan, generation_config, device, k)
     graphs = key = None
     if own and not probe and n_new > 1:
         key = _graph_key(model, plan, b, model_kwargs[plan["cache_key"]], pad, eos, k, step)
@@ -460,8 +494,7 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     # contiguous, as the step's own ``pos + 1`` is: a slice's clone keeps the prompt's stride, a new
     # input layout that compiled the step a second time (dynamic=False guards on strides)
     pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
-    every = max(1, int(check_every or CHECK_EVERY))
-    cudagraphs = device.type == "cuda" and not own
+    cudagraphs = device.type == "cuda" and not own and step is not _step
     no = torch.tensor(False, device=device)
     yes = torch.tensor(True, device=device)
     first = 1
@@ -509,3 +542,180 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
             first = torch.where(hit, torch.arange(new.shape[1], device=device), new.shape[1]).min(dim=1).values
             new = new[:, : int(first.max()) + 1]
     return torch.cat([input_ids, new], dim=1)
+
+
+# ---- prompt-lookup decoding inside the loop (generate.prompt_lookup_num_tokens, greedy, batch 1)
+
+def _lookup_step(model: Any, cache: Any, seq: Any, length: Any, pos: Any, unfinished: Any, forwards: Any, full: Any,
+                 eos: Any, plan: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
+    """One step of prompt-lookup decoding as transformers 5.17's ``PromptLookupCandidateGenerator``
+    and ``_assisted_decoding`` make it, for one row and greedy choice, in fixed shapes (so that it
+    compiles once and replays from a CUDA graph): the earliest earlier occurrence of the last
+    ``ngram`` tokens (then ``ngram - 1``, down to 1) proposes the ``lookup`` tokens that followed it
+    (cut at the sequence's end and before an EOS; a match whose first proposal the minimum length
+    forbids is skipped), one forward over the last token and the proposals verifies them, and the
+    longest agreeing run plus the model's own next token are kept.
+
+    ``seq`` (1 x size) holds the prompt and the tokens so far, ``length`` how many (its last is
+    not in the KV cache yet), ``pos`` that token's position id. The forward always covers
+    ``lookup + 1`` tokens (proposals that do not exist are filler, never kept); the cache's
+    length is wound back over the rejected ones, whose keys and values stay behind the causal
+    mask until they are overwritten. Returns the new seq, length, pos, unfinished flag and count
+    of forwards that produced tokens."""
+    import torch
+    from transformers.masking_utils import create_masks_for_generate
+
+    n, top = plan["lookup"], plan["ngram"]
+    row = seq[0]
+    size, dev = row.shape[0], row.device
+    idx = torch.arange(size, device=dev)
+    ahead = torch.arange(n, device=dev)
+    eos_min = None if plan["eos_min"] is None else torch.as_tensor(plan["eos_min"], device=dev).reshape(-1)
+    start = torch.full((), size, dtype=torch.long, device=dev)  # size: nothing found yet
+    for g in range(top, 0, -1):
+        match = idx + g < length  # the n-gram at i is not the last one, and a token follows it
+        for j in range(g):
+            match = match & (row.roll(-j) == row.gather(0, (length - g + j).clamp(min=0).reshape(1)))
+        if eos_min is not None:  # the candidate generator's logits-processor check of the first proposal
+            match = match & ~((length < plan["min_length"]) & torch.isin(row.roll(-g), eos_min))
+        first = torch.where(match, idx, size).min()
+        start = torch.where((start == size) & (first < size), first + g, start)
+    cand = row.gather(0, (start + ahead).clamp(max=size - 1))
+    valid = (start < size) & (length + 1 != plan["max_length"]) & (start + ahead < length)
+    if eos is not None:  # proposals stop before an EOS
+        valid = valid & (torch.cumsum(torch.isin(cand, eos).long(), 0) == 0)
+    if eos_min is not None:  # and before one the minimum length forbids
+        valid = valid & (torch.cumsum(((length + ahead < plan["min_length"]) & torch.isin(cand, eos_min)).long(), 0) == 0)
+    last = row.gather(0, (length - 1).reshape(1))
+    x = torch.cat([last, torch.where(valid, cand, last.expand(n))]).reshape(1, n + 1)
+    block = pos + torch.arange(n + 1, device=dev)
+    make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
+    mask = make_mask(config=model.config, inputs_embeds=torch.empty((1, n + 1, 0), dtype=model.dtype, device=dev),
+                     attention_mask=full, position_ids=block, is_first_iteration=False, **{plan["mask_cache"]: cache})
+    out = model(input_ids=x, position_ids=block, attention_mask=mask, use_cache=True, return_dict=True, **{plan["forward_cache"]: cache})
+    logits = out.logits[0].to(dtype=torch.float32)
+    if eos_min is not None:  # EOS suppressed where the minimum length is not reached
+        cols = torch.isin(torch.arange(logits.shape[-1], device=dev), eos_min)
+        short = (length + torch.arange(n + 1, device=dev)) < plan["min_length"]
+        logits = torch.where(short[:, None] & cols[None, :], torch.full_like(logits, float("-inf")), logits)
+    chosen = torch.argmax(logits, dim=-1)
+    kept = torch.cumprod(((chosen[:n] == cand) & valid).long(), 0).sum() + 1
+    kept = torch.where(unfinished[0], torch.minimum(kept, plan["max_length"] - length).clamp(min=0), 0)
+    row = row.index_copy(0, (length + torch.arange(n + 1, device=dev)).clamp(max=size - 1), chosen)
+    done = length + kept >= plan["max_length"]
+    if eos is not None:  # only the last kept token can be an EOS: the ones before it were proposals
+        done = done | ((kept > 0) & torch.isin(chosen.gather(0, (kept - 1).clamp(min=0).reshape(1)), eos)[0])
+    for layer in cache.layers:  # the rejected positions are not part of the sequence
+        layer.cumulative_length.sub_(n + 1 - kept)
+    return row[None], length + kept, pos + kept, unfinished & ~done, forwards + (kept > 0).long()
+
+
+class _LookupSet:
+    """The state of prompt-lookup decoding (sequence, length, position, unfinished flag, forwards)
+    and its step, captured in one CUDA graph where the loop captures its own (the step compiled
+    once, replayed per step) and kept across calls with its KV cache, like :class:`_Graphs`."""
+
+    def __init__(self, step: Callable[..., Any], model: Any, cache: Any, plan: dict[str, Any], seq: Any, length: Any,
+                 pos: Any, unfinished: Any, full: Any, eos: Any) -> None:
+        self.where = _addresses(model)
+        self.cache, self.plan, self.eos = cache, plan, eos
+        self.seq, self.length, self.pos, self.unfinished, self.full = seq.clone(), length.clone(), pos.clone(), unfinished.clone(), full.clone()
+        self.forwards = length.new_zeros(())
+        self.replay: Callable[[], None] | None = None
+
+        def one() -> None:
+            out = step(model, self.cache, self.seq, self.length, self.pos, self.unfinished, self.forwards, self.full, self.eos, self.plan)
+            for dst, src in zip((self.seq, self.length, self.pos, self.unfinished, self.forwards), out):
+                dst.copy_(src)
+
+        self.one = one
+
+    def load(self, torch: Any, seq: Any, length: Any, pos: Any, unfinished: Any, full: Any, eos: Any, plan: dict[str, Any]) -> None:
+        for mine, theirs in ((self.seq, seq), (self.length, length), (self.pos, pos), (self.unfinished, unfinished), (self.full, full),
+                             (self.eos, eos), *((self.plan[k], v) for k, v in plan.items() if torch.is_tensor(v))):
+            if mine is not None and mine is not theirs:
+                mine.copy_(theirs)
+        self.forwards.zero_()
+
+
+def _longer_cache(model: Any, cache: Any, extra: int) -> Any:
+    """A static cache like ``cache`` with ``extra`` more positions: the verifying forward writes
+    ``lookup + 1`` of them from the last token on, up to ``lookup`` past what generate sized."""
+    size = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
+    return type(cache)(config=model.config, max_cache_len=size + extra)
+
+
+def _lookup_generate(torch: Any, model: Any, input_ids: Any, generation_config: Any, model_kwargs: dict[str, Any],
+                     plan: dict[str, Any], eos: Any, k: int, every: int, first_token_hook: Callable[[], None] | None) -> Any:
+    """Prompt-lookup decoding of one row, greedy (see :func:`_lookup_step`): transformers' prefill,
+    then verifying steps that the host queues without looking at their results, except every so
+    often to read how far they got (at most ``every`` steps between looks). Steps queued past the
+    end change nothing."""
+    device = input_ids.device
+    start = input_ids.shape[1]
+    n, name = plan["lookup"], plan["cache_key"]
+    step, own = _step_fn(model, plan, generation_config, device, k, fn=_lookup_step)
+    fresh = model_kwargs[name]
+    key = ("lookup", id(model), id(step), _cache_len(fresh), None if eos is None else _desc(eos), _plan_key(plan))
+    held = _graph_sets.get(key) if own else None
+    if held is not None and held.where == _addresses(model):
+        held.cache.reset()
+        cache = held.cache
+    else:
+        held = None
+        if own:
+            release()  # one set at a time
+        cache = _longer_cache(model, fresh, n + 1)
+    model_kwargs[name] = cache
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    del outputs
+    tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
+    unfinished = torch.ones(1, dtype=torch.bool, device=device)
+    if eos is not None:
+        unfinished = unfinished & ~torch.isin(tok, eos)
+    if first_token_hook is not None:
+        first_token_hook()
+    seq = torch.zeros((1, plan["max_length"] + n + 1), dtype=input_ids.dtype, device=device)
+    seq[:, :start] = input_ids
+    seq[:, start] = tok
+    length = torch.tensor(start + 1, dtype=torch.long, device=device)
+    max_len = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
+    full = torch.ones(1, max_len, dtype=torch.long, device=device)
+    mask2d = model_kwargs.get("attention_mask")
+    if mask2d is not None:
+        m = min(mask2d.shape[1], max_len)
+        full[:, :m] = mask2d[:, :m]
+    pos = model_kwargs.get("position_ids")
+    pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((1, 1), start, dtype=torch.long, device=device)
+    if held is None:
+        held = _LookupSet(step, model, cache, plan, seq, length, pos, unfinished, full, eos)
+    else:
+        held.load(torch, seq, length, pos, unfinished, full, eos, plan)
+    cudagraphs = device.type == "cuda" and not own and step is not _lookup_step
+    steps, done_len, finished = 0, start + 1, not bool(unfinished.all())
+    if own and held.replay is None and not finished:
+        held.one()  # compiles the step and warms its kernels uncaptured; then the capture
+        steps = 1
+        held.replay = _Graphs._capture(torch, held.one)
+        _graph_sets[key] = held
+    run = held.replay if own else held.one
+    while not finished:
+        if steps:
+            done_len, finished = (int(v) for v in torch.stack([held.length, (~held.unfinished.all()).long()]).tolist())
+        left = plan["max_length"] - done_len
+        if finished or left <= 0:
+            break
+        # as many steps as certainly fit at first (each yields at most lookup + 1 tokens), then half
+        # of what the tokens per step so far say is left: a step queued past the end costs a whole
+        # forward, a look at the length only the GPU's wait for the host's next launch
+        queue = left // (n + 1) if not steps else left / (2 * max(1.0, (done_len - start - 1) / steps))
+        for _ in range(max(1, min(every, int(queue)))):
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            run()
+            steps += 1
+    stats["last_forwards"] = 1 + int(held.forwards)  # the prefill's and the steps' that produced tokens
+    stats["last_steps"] = steps
+    return held.seq[:, :done_len].clone()

@@ -28,6 +28,8 @@ placements on several GPUs, and the two best re-measured head to head when they 
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Sequence
 
 from .judge import Judge
@@ -316,28 +318,58 @@ class Search:
     # ---- decoding that depends on the text
     def prompt_lookup(self) -> None:
         """Prompt-lookup decoding (``prompt_lookup_num_tokens`` in :data:`PROMPT_LOOKUP_TOKENS`)
-        of the fastest dynamic-cache candidate, measured on the user's prompts only (``--prompts``):
-        one forward verifies the tokens that followed the last n-gram's earlier occurrence in the
-        prompt, so the gain is the share of the output the prompt already holds. It runs through
-        transformers' assisted decoding: a dynamic cache (no compiled static cache, no sync-free
-        loop) and one row per call; the rules drop it where that does not hold."""
+        of the fastest dynamic-cache candidate, and of the fastest compiled one with the sync-free
+        loop, measured on the user's prompts only (``--prompts``): one forward verifies the tokens
+        that followed the last n-gram's earlier occurrence in the prompt, so the gain is the share
+        of the output the prompt already holds. On a dynamic cache it runs through transformers'
+        assisted decoding (uncompiled); the sync-free loop runs it itself, compiled, on a static
+        cache (``autotune.decode``). Both take one row per call; the rules drop it where that does
+        not hold."""
         sp = self.space
         if not sp.workload.prompts:
             self.notes.append("prompt-lookup decoding not measured: its speed depends on the text (how much of the output the "
                               "prompt already holds); give your prompts with --prompts FILE (batch size 1)")
             return
-        if self.fixed.get("cache") == "static":
-            self.notes.append("prompt-lookup decoding not measured: it needs the dynamic cache, and --cache static pins the static one")
+        made = []
+        if self.fixed.get("cache") != "static":  # transformers' assisted decoding: the dynamic cache
+            dynamic = [t for t in self.bench.trials if t.status == STATUS_OK and t.stage in ("attention", "dtype")
+                       and not t.config["generate"].get("cache_implementation")]
+            src = max(dynamic, key=self.judge.score, default=None)  # the fastest: each lookup candidate is that one plus lookup
+            if src is not None:
+                fp, rt = src.config["from_pretrained"], src.config["runtime"]
+                dtype, attn, backend = fp["dtype"], fp.get("attn_implementation") or "sdpa", rt.get("sdpa_backend")
+            else:  # the compiled regime measured no dynamic-cache candidate but transformers' default
+                dtype, attn, backend = self.fixed.get("dtype", sp.half), self.fixed.get("attention", "sdpa"), None
+            made = [sp.make("prompt lookup", dtype, attn, backend=backend, lookup=n) for n in PROMPT_LOOKUP_TOKENS]
+        looped = [t for t in self.bench.trials if t.status == STATUS_OK and t.config["runtime"].get("decode_loop") == "sync-free"
+                  and t.config["generate"].get("cache_implementation") == "static" and not t.config["generate"].get("prompt_lookup_num_tokens")]
+        # the loop's own prompt lookup, on its compiled static cache: on the fastest loop candidate
+        # with unquantized weights, and on the fastest quantized one if that is faster (its quality
+        # is judged after the search: the unquantized one keeps a lookup candidate within the
+        # tolerance), each where no rule warns about lookup that did not about the candidate itself
+        # (torchao int8's verifying forward of several rows crawls: TORCHAO-INT8WO-LOOKUP)
+        plain = [t for t in looped if not t.config["from_pretrained"].get("quantization_config")]
+        quantized = [t for t in looped if t not in plain]
+        for group in (plain, quantized):
+            for base in sorted(group, key=self.judge.score, reverse=True):
+                if group is quantized and plain and self.judge.score(base) <= self.judge.score(max(plain, key=self.judge.score)):
+                    break
+                variants = []
+                for n in PROMPT_LOOKUP_TOKENS:
+                    cfg = copy.deepcopy(base.config)
+                    cfg["generate"]["prompt_lookup_num_tokens"] = n
+                    variants.append(sp.place("prompt lookup", cfg))
+                added = sorted({w.split(":")[0] for v in variants for w in v.warnings} - {w.split(":")[0] for w in base.warnings})
+                if added:
+                    self.notes.append(f"prompt lookup not tried on {base.label}: {', '.join(added)}")
+                    continue
+                made += variants
+                break
+        if not made:
+            self.notes.append("prompt-lookup decoding not measured: --cache static pins the static cache, where only the sync-free loop "
+                              "runs it, and no compiled candidate with that loop ran")
             return
-        dynamic = [t for t in self.bench.trials if t.status == STATUS_OK and t.stage in ("attention", "dtype")
-                   and not t.config["generate"].get("cache_implementation")]
-        src = max(dynamic, key=self.judge.score, default=None)  # the fastest: each lookup candidate is that one plus lookup
-        if src is not None:
-            fp, rt = src.config["from_pretrained"], src.config["runtime"]
-            dtype, attn, backend = fp["dtype"], fp.get("attn_implementation") or "sdpa", rt.get("sdpa_backend")
-        else:  # the compiled regime measured no dynamic-cache candidate but transformers' default
-            dtype, attn, backend = self.fixed.get("dtype", sp.half), self.fixed.get("attention", "sdpa"), None
-        trials = self.bench.add([sp.make("prompt lookup", dtype, attn, backend=backend, lookup=n) for n in PROMPT_LOOKUP_TOKENS])
+        trials = self.bench.add(made)
         for t in trials:
             if t.status == "planned" and self.spares and not self.overlap_fits([t] + self.held_spares()):
                 self.bench.cancel(self.spares)

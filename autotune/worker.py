@@ -564,7 +564,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         # its tokens against transformers' own loop, uncompiled: checked here, beside the other
         # candidates' warm-ups, not after the timed runs, where the next candidate's timed runs
         # would wait out an eager generate (128 tokens of a 1.1 B model: about 3 s on an H200)
-        loop_check = _loop_check(torch, model, batches[0][0], {**base, "attention_mask": batches[0][1]}, warm_seq)
+        # (with prompt lookup, against greedy decoding without it: transformers runs lookup on a dynamic cache only)
+        loop_check = _loop_check(torch, model, batches[0][0], {**plain, "attention_mask": batches[0][1]}, warm_seq)
     _hold(spec)
     graphs_before = _dynamo_graphs(torch)
 
@@ -593,8 +594,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                 totals.append(times[-1] - start)
                 decoded += rows[0].shape[0] * (n_new - first_count)
                 span += times[-1] - times[0]
-                if lookup:
-                    forwards.append(len(times))
+                if lookup:  # the loop counts its forwards itself: it clocks only the first token and the end
+                    forwards.append(decode.stats.get("last_forwards", 0) if loop is not None else len(times))
                 elif loop is None:  # per token only where each is clocked
                     itl += [b - a for a, b in zip(times, times[1:])]
             tok_s = decoded / span if decoded > 0 and span > 0 else float("nan")
@@ -628,7 +629,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         same = bool(torch.equal(seq, warm_seq)) if len(batches) == 1 else None
         res["decode_loop"] = {**loop_check, "runs": decode.stats["runs"], "timed_equal_warmup": same}
     if lookup:
-        res["prompt_lookup"] = _lookup_check(torch, model, batches[-1], plain, seq, lookup, forwards, n_new, bool(spec.get("prompt_ids")))
+        res["prompt_lookup"] = _lookup_check(torch, model, batches[-1], plain, seq, lookup, forwards, n_new, bool(spec.get("prompt_ids")),
+                                             agreement=loop_check)
     res["world_size"] = world
     res["device"] = str(device)
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -641,7 +643,10 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     # proposed token, so forced tokens cannot be fed through it); its tokens were checked above.
     steps = min(spec.get("quality_steps", 4), n_new)
     graphs_q = _dynamo_graphs(torch)
-    logits = _forced_logits(torch, model, ids, plain, vocab, steps, n_new, spec.get("seed", 0), keep_length=fixed_shapes, loop=loop)
+    # (the sync-free loop with prompt lookup takes plain steps for forced tokens, uncompiled: a
+    # second compiled graph for four steps would cost more than it tells)
+    logits = _forced_logits(torch, model, ids, base if loop is not None and lookup else plain, vocab, steps, n_new, spec.get("seed", 0),
+                            keep_length=fixed_shapes, loop=loop)
     if compiled and graphs_q >= 0:  # a compiled candidate's quality pass should reuse its graph (0), not compile anew
         res["quality_pass_graphs"] = _dynamo_graphs(torch) - graphs_q
     if spec.get("fault") == "corrupt":
@@ -653,16 +658,20 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def _lookup_check(torch: Any, model: Any, rows: tuple[Any, Any], plain: dict[str, Any], seq: Any, lookup: int, forwards: list[int],
-                  n_new: int, real: bool) -> dict[str, Any]:
+                  n_new: int, real: bool, agreement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prompt lookup's greedy tokens (the last timed generate) against plain greedy decoding of
     the same rows (``plain``: the generate kwargs without prompt lookup; not timed), and how many
-    tokens one forward yielded (the gain)."""
+    tokens one forward yielded (the gain). With the sync-free loop the loop's own token check
+    (``agreement``: its warm-up against transformers' uncompiled greedy decoding) is that check."""
     x, m = rows
-    with torch.inference_mode():
-        ref = model.generate(x, **{**plain, "attention_mask": m})
+    if agreement is None:
+        with torch.inference_mode():
+            ref = model.generate(x, **{**plain, "attention_mask": m})
+        agreement = {**_agreement(torch, seq, ref, x.shape[1]), "against": "greedy decoding without prompt lookup, same weights"}
+    else:
+        agreement = {k: agreement[k] for k in ("tokens_equal", "agree_tokens", "of", "against")}
     return {"num_tokens": lookup, "tokens_per_forward": round(x.shape[0] * n_new * len(forwards) / max(sum(forwards), 1), 3),
-            "forwards": list(forwards), "prompts": "real" if real else "random tokens", **_agreement(torch, seq, ref, x.shape[1]),
-            "against": "greedy decoding without prompt lookup, same weights"}
+            "forwards": list(forwards), "prompts": "real" if real else "random tokens", **agreement}
 
 
 def _agreement(torch: Any, seq: Any, ref: Any, n: int) -> dict[str, Any]:

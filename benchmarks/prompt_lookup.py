@@ -4,6 +4,7 @@ text it never saw (held-out stdlib files), as a user runs it: ``autotune tune MO
     python benchmarks/prompt_lookup.py --out DIR                        # CPU: train the default model's shape 240 s, tune
     python benchmarks/prompt_lookup.py --model DIR/model --out DIR      # reuse a model train wrote
     PYTHONPATH=. python3 benchmarks/prompt_lookup.py --shape 1.1b --seconds 240 --out DIR   # a GPU: the 1.1 B shape
+    PYTHONPATH=/tmp/site:. python3 benchmarks/prompt_lookup.py --shape 1.1b --seconds 140 --quantization always --out DIR   # and torchao
 
 Writes DIR/model (with autotune-train.json), DIR/prompts.jsonl, DIR/tune.json (the tune's whole
 report) and prints each candidate's decode rate, TTFT and, for prompt lookup, tokens per
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--quantization", choices=["auto", "always", "never"], default="auto", help="the tune's --quantization")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from autotune import textmodel
@@ -56,7 +58,7 @@ def main() -> int:
     textmodel.heldout_prompts(model, prompts, count=args.prompts, tokens=args.prompt_tokens)
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "autotune", "tune", str(model), "--prompts", str(prompts), "--new-tokens", str(args.new_tokens),
-           "--no-cache", "--json"]
+           "--quantization", args.quantization, "--no-cache", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if p.returncode != 0:
         print(p.stderr[-3000:], file=sys.stderr)

@@ -281,7 +281,7 @@ def replayed(monkeypatch):
     """The loop's own CUDA graphs on the CPU: the step uncompiled, and a "graph" that replays by
     calling the captured function (the loop's state handling, blocks, remainder and EOS checks are
     what is under test; torch.cuda.graph itself is exercised on the GPU)."""
-    monkeypatch.setattr(decode, "_step_fn", lambda *a, **k: (decode._step, True))
+    monkeypatch.setattr(decode, "_step_fn", lambda *a, fn=None, **k: (fn or decode._step, True))
     monkeypatch.setattr(decode._Graphs, "_capture", staticmethod(lambda torch, fn: fn))
     monkeypatch.setattr(decode, "_graph_sets", {})
     return decode._graph_sets
@@ -339,3 +339,88 @@ def test_the_graphs_decode_in_the_cache_they_were_captured_on(model, batch, repl
     assert len(replayed) == 1 and next(iter(replayed.values())).cache is prefilled[-1] is not prefilled[3]
     decode.release()
     assert not replayed
+
+
+# ---------------------------------------------------------------------------- prompt lookup in the loop
+def _assisted_forwards(model, ids, **kw):
+    """transformers' own prompt-lookup decoding (assisted, dynamic cache): its tokens and how many
+    forwards it ran."""
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = model.generate(ids, **kw)
+    finally:
+        hook.remove()
+    return out, len(calls)
+
+
+@LENGTHS
+@pytest.mark.parametrize("n", [2, 10])
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_prompt_lookup_in_the_loop_gives_greedy_tokens_in_assisted_decodings_forwards(model, batch, kw, n, row):
+    """One row at a time (assisted decoding's limit), left padding included (rows 1 and 2): the
+    loop's tokens are plain greedy decoding's and transformers' prompt lookup's, and it needs the
+    same number of forwards as transformers' candidate generator, so its proposals are the same."""
+    ids, mask = batch
+    x, m = ids[row:row + 1], mask[row:row + 1]
+    model.config._attn_implementation = "sdpa"
+    common = dict(attention_mask=m, do_sample=False, **kw)
+    plain = model.generate(x, cache_implementation="static", **common)
+    theirs, forwards = _assisted_forwards(model, x, prompt_lookup_num_tokens=n, **common)
+    runs = decode.stats["runs"]
+    ours = model.generate(x, cache_implementation="static", prompt_lookup_num_tokens=n, custom_generate=decode.generate, **common)
+    assert decode.stats["runs"] == runs + 1  # the loop ran it
+    assert torch.equal(ours, plain) and torch.equal(ours, theirs)
+    assert decode.stats["last_forwards"] == forwards
+    if "eos_token_id" not in kw:  # (an EOS ends a row between two looks at it, as in the plain loop)
+        assert decode.stats["last_steps"] <= forwards + 2  # few steps queued past the end
+
+
+def test_prompt_lookup_in_the_loop_keeps_several_tokens_a_forward_where_the_text_repeats(model):
+    """This random model's greedy output falls into repeats (one token many times, then a cycle
+    of four): the lookup proposes them and one forward keeps several (the point of the option)."""
+    x = torch.tensor([[40, 41, 42, 43, 44, 45] * 4])
+    common = dict(do_sample=False, max_new_tokens=48, cache_implementation="static")
+    plain = model.generate(x, **common)
+    ours = model.generate(x, prompt_lookup_num_tokens=10, custom_generate=decode.generate, **common)
+    assert torch.equal(ours, plain)
+    new = plain[0, x.shape[1]:].tolist()
+    assert len(set(new)) < len(new) / 2  # the premise: the text repeats itself
+    assert decode.stats["last_forwards"] <= 0.75 * len(new)
+
+
+@pytest.mark.parametrize("n", [2, 10])
+def test_prompt_lookup_in_the_loops_own_graph_is_captured_once_and_reused(model, batch, replayed, n):
+    """With the loop's own CUDA graph (replayed on the CPU by calling the captured function): the
+    step is captured once and the second call reuses it and its KV cache; another length
+    captures anew."""
+    ids, mask = batch
+    x, m = ids[1:2], mask[1:2]
+    common = dict(attention_mask=m, do_sample=False, max_new_tokens=40, eos_token_id=MANY_EOS, min_new_tokens=20, cache_implementation="static")
+    plain = model.generate(x, **common)
+    for call in range(2):
+        ours = model.generate(x, prompt_lookup_num_tokens=n, custom_generate=decode.generate, **common)
+        assert torch.equal(ours, plain), call
+        assert len(replayed) == 1
+        (held,) = replayed.values()
+        assert isinstance(held, decode._LookupSet) and held.replay is not None
+        cache = held.cache
+    shorter = {**common, "max_new_tokens": 9, "min_new_tokens": 0}
+    assert torch.equal(model.generate(x, prompt_lookup_num_tokens=n, custom_generate=decode.generate, **shorter), model.generate(x, **shorter))
+    assert len(replayed) == 1 and next(iter(replayed.values())).cache is not cache
+    decode.release()
+
+
+def test_prompt_lookup_the_loop_does_not_run_goes_to_assisted_decoding(model, batch):
+    """Sampling and more than one row: transformers' assisted decoding, unchanged (it refuses
+    batches itself)."""
+    ids, mask = batch
+    x, m = ids[:1], mask[:1]
+    fell = decode.stats["fallbacks"]
+    torch.manual_seed(0)
+    got = model.generate(x, attention_mask=m, do_sample=True, top_k=1, max_new_tokens=12, prompt_lookup_num_tokens=3, custom_generate=decode.generate)
+    assert decode.stats["fallbacks"] == fell + 1 and "sampling" in decode.stats["last_fallback"]
+    assert torch.equal(got, model.generate(x, attention_mask=m, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=3))
+    with pytest.raises(ValueError, match="batch_size = 1"):
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=3, custom_generate=decode.generate)
+    assert "batch size > 1" in decode.stats["last_fallback"]

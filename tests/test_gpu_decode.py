@@ -55,3 +55,25 @@ def test_compiled_with_its_own_graph_gives_compiled_generates_tokens(model, batc
         assert torch.equal(fast, plain), call
     assert len(decode._graph_sets) == 1  # the loop captured a graph of its own
     decode.release()
+
+
+@CASES
+@pytest.mark.parametrize("n", [2, 10])
+def test_prompt_lookup_compiled_with_its_own_graph_gives_greedy_tokens(model, batch, kw, n):
+    """The loop's prompt lookup, its verifying step compiled and captured for real, one row at a
+    time (left padding in rows 1 and 2): the tokens of transformers' compiled generate without
+    lookup, and of transformers' own prompt lookup (assisted decoding, dynamic cache, uncompiled)."""
+    ids, mask = batch
+    for row in range(ids.shape[0]):
+        x, m = ids[row:row + 1], mask[row:row + 1]
+        common = dict(attention_mask=m, do_sample=False, **kw)
+        plain = model.generate(x, cache_implementation="static", **common)
+        theirs = model.generate(x, prompt_lookup_num_tokens=n, **common)
+        for call in range(2):  # the second call replays the graph the first captured
+            runs = decode.stats["runs"]
+            ours = model.generate(x, cache_implementation="static", prompt_lookup_num_tokens=n, custom_generate=decode.generate, **common)
+            assert decode.stats["runs"] == runs + 1, decode.stats.get("last_fallback")
+            assert torch.equal(ours, plain) and torch.equal(ours, theirs), (row, call)
+        (held,) = decode._graph_sets.values()
+        assert isinstance(held, decode._LookupSet) and held.replay is not None
+    decode.release()

@@ -120,7 +120,7 @@ def test_load_applies_prompt_lookup_and_keeps_the_decode_loop_off_it(tiny_llama)
     assert torch.equal(out, plain)
 
 
-def test_the_decode_loop_hands_prompt_lookup_to_assisted_decoding(tiny_llama):
+def test_the_decode_loop_hands_prompt_lookup_on_a_dynamic_cache_to_assisted_decoding(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     from autotune import decode
@@ -129,8 +129,13 @@ def test_the_decode_loop_hands_prompt_lookup_to_assisted_decoding(tiny_llama):
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     fell = decode.stats["fallbacks"]
     got = m.generate(ids, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=3, custom_generate=decode.generate)
-    assert decode.stats["fallbacks"] == fell + 1 and "prompt-lookup" in decode.stats["last_fallback"]
+    assert decode.stats["fallbacks"] == fell + 1 and "static cache" in decode.stats["last_fallback"]
     assert torch.equal(got, m.generate(ids, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=3))
+    # on the static cache the loop runs it itself (tests/test_decode.py checks its tokens and forwards)
+    runs = decode.stats["runs"]
+    same = m.generate(ids, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=3, cache_implementation="static",
+                      custom_generate=decode.generate)
+    assert decode.stats["runs"] == runs + 1 and torch.equal(same, got)
 
 
 # ---------------------------------------------------------------------------- a candidate's process
@@ -158,6 +163,24 @@ def test_a_prompt_lookup_candidate_is_timed_per_verified_chunk_on_the_prompts(ti
     assert pl["tokens_per_forward"] == pytest.approx(32 / sum(pl["forwards"]), abs=1e-3)
     assert pl["tokens_equal"] is True and pl["of"] == 16  # greedy: the tokens plain decoding gives
     assert res["decode_tok_s"] > 0 and "itl_p50_s" not in res  # chunks, not tokens, are clocked
+    assert res["logits_finite"] and (tmp_path / "logits.pt").is_file()
+
+
+def test_a_prompt_lookup_candidate_with_the_sync_free_loop_counts_its_own_forwards(tiny_llama, tmp_path):
+    from autotune.worker import run_candidate
+
+    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
+           "generate": {"prompt_lookup_num_tokens": 4, "cache_implementation": "static"}, "runtime": {"decode_loop": "sync-free"}}
+    prompt = [[7, 8, 9, 10, 11] * 4, [30, 31, 32] * 5]
+    spec = {"model": str(tiny_llama), "label": "lookup-loop", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 2, "seed": 0,
+            "prompt_ids": prompt, "workload": {"batch_size": 1, "prompt_len": 20, "new_tokens": 16, "padding": False, "task": "generate"}}
+    res = run_candidate(spec, str(tmp_path))
+    assert res["status"] == "ok", res.get("error")
+    pl = res["prompt_lookup"]
+    assert pl["num_tokens"] == 4 and pl["prompts"] == "real" and len(pl["forwards"]) == 2
+    assert all(16 / 5 <= f <= 16 for f in pl["forwards"])  # the loop's own count: 1 to N+1 tokens a forward
+    assert pl["tokens_equal"] is True and pl["of"] == 16 and "uncompiled" in pl["against"]  # the loop's token check
+    assert res["decode_loop"]["tokens_equal"] is True
     assert res["logits_finite"] and (tmp_path / "logits.pt").is_file()
 
 
@@ -203,13 +226,22 @@ def test_on_the_cpu_prompt_lookup_extends_the_fastest_dynamic_candidate_and_only
     assert r.capacity.get("max_batch_size") in (None, 1)
 
 
-def test_on_a_gpu_prompt_lookup_is_measured_beside_the_compiled_pick(llama):
+def test_on_a_gpu_prompt_lookup_is_measured_on_both_caches(llama):
     r = tuned(llama, LookupRunner(), "h100-80gb")
     found = lookups(r)
-    assert len(found) == 2 and all(t.status == "ok" for t in found)
-    assert all(not t.config["generate"].get("cache_implementation") for t in found)  # the dynamic cache: assisted decoding's
-    # 1.6x of a launch-bound dynamic-cache run is still far from the compiled static cache
-    assert parse_config(r.pick.config).prompt_lookup is None and r.pick.config["generate"]["cache_implementation"] == "static"
+    assert len(found) == 4 and all(t.status == "ok" for t in found), [(t.label, t.status, t.reason) for t in found]
+    dynamic = [t for t in found if not t.config["generate"].get("cache_implementation")]  # transformers' assisted decoding
+    looped = [t for t in found if t.config["runtime"].get("decode_loop") == "sync-free"]  # the loop's own, compiled
+    assert len(dynamic) == 2 and len(looped) == 2
+    compiled = [t.config for t in r.trials if t.status == "ok" and t.config["runtime"].get("decode_loop") == "sync-free" and t not in looped]
+
+    def without(c):
+        return {**c, "generate": {k: v for k, v in c["generate"].items() if k != "prompt_lookup_num_tokens"}}
+
+    assert all(without(t.config) == without(looped[0].config) for t in looped)
+    assert without(looped[0].config) in compiled  # a measured compiled loop, lookup added
+    # the fake's 1.6x of the compiled loop wins; of a launch-bound dynamic-cache run it would not
+    assert parse_config(r.pick.config).prompt_lookup == 10 and r.pick.config["runtime"].get("decode_loop") == "sync-free"
 
 
 def test_batched_prompt_lookup_is_dropped_by_the_rule(llama):

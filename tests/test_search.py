@@ -646,3 +646,29 @@ def test_transformers_default_is_measured_once_when_a_candidate_is_the_same_conf
     assert not [s for s in runner.specs if s["label"].startswith("baseline")], "the default was not run on its own"
     twin = next(t for t in r.trials if key(t.config) == ("bfloat16", "sdpa") and t.stage in ("attention", "dtype"))
     assert r.baseline.results is twin.results and "measured once" in r.baseline.reason
+
+
+def test_prompt_lookup_is_built_on_the_fastest_plain_and_quantized_loops_where_no_rule_warns(llama, tmp_path, monkeypatch):
+    """With --quantization always and --prompts: the loop's prompt lookup goes on the fastest
+    unquantized loop candidate, and on the fastest quantized one that is faster and that no rule
+    warns about with lookup. Here (as on the H200's trained 1.1 B) torchao int8 is the fastest,
+    and TORCHAO-INT8WO-LOOKUP warns about it with lookup (several rows a verifying forward: the
+    H200 crawled), so the lookup goes on int4 (the next fastest, judged lossy afterwards) and on
+    bf16."""
+    from autotune import prompts as prompts_mod
+    from autotune.profiles import apply_overrides
+
+    monkeypatch.setitem(TORCHAO, "Int8WeightOnlyConfig", (2.0, 0.01))
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    p = prompts_mod.Prompts(ids=((5, 6, 7, 8, 5, 6, 7),), source="p.jsonl", total=1, truncated=0)
+    w = Workload(batch_size=1, prompt_len=7, new_tokens=8, prompts=p.describe())
+    r = Tuner(llama, facts=facts, workload=w, runner=QuantRunner(tmp_path), check_capacity=False, quantization="always", prompts=p).run()
+    lookups = [t for t in r.trials if t.stage == "prompt lookup" and looped(t.config)]
+    kinds = sorted({(t.config["from_pretrained"].get("quantization_config") or {}).get("quant_type", {}).get("default", {}).get("_type", "none")
+                    for t in lookups})
+    assert kinds == ["Int4WeightOnlyConfig", "none"], [t.label for t in lookups]
+    assert all(t.status in ("ok", "lossy") for t in lookups)
+    assert any("prompt lookup not tried on" in n and "TORCHAO-INT8WO-LOOKUP" in n for n in r.notes), r.notes
+    plain = [t for t in lookups if not t.config["from_pretrained"].get("quantization_config")]
+    assert {t.config["from_pretrained"]["dtype"] for t in plain} == {"bfloat16"}
