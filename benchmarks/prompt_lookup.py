@@ -59,7 +59,9 @@ def main() -> int:
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "autotune", "tune", str(model), "--prompts", str(prompts), "--new-tokens", str(args.new_tokens),
            "--quantization", args.quantization, "--no-cache", "--json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # the source tree first, then what the caller's PYTHONPATH holds (wheels installed with --target)
+    path = os.pathsep.join(part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     if p.returncode != 0:
         print(p.stderr[-3000:], file=sys.stderr)
         return p.returncode
