@@ -606,18 +606,18 @@ def decode_loop_of(cfg: Mapping[str, Any]) -> Any:
 def use_decode_loop(model: Any, loop: Any) -> None:
     """Make ``model.generate`` pass ``custom_generate=loop`` unless the caller passes its own
     (``custom_generate=None`` restores transformers' loop for one call) or a streamer, an
-    assistant model, synced GPUs or prompt lookup (in the call or the model's generation
-    config: assisted decoding, not the loop's): transformers 5.17 hands a callable ``custom_generate`` only
+    assistant model or synced GPUs: transformers 5.17 hands a callable ``custom_generate`` only
     the keywords its signature adds to ``_sample``'s (``_extract_generation_mode_kwargs``), so
-    a streamer would be dropped silently; those calls keep transformers' loop."""
+    a streamer would be dropped silently; those calls keep transformers' loop. Prompt lookup
+    (in the call or the model's generation config) goes to the loop, which runs it on a static
+    cache and hands it to transformers' assisted decoding otherwise."""
     import functools
 
     plain = model.generate
 
     @functools.wraps(plain)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        lookup = kwargs.get("prompt_lookup_num_tokens", getattr(model.generation_config, "prompt_lookup_num_tokens", None))
-        if lookup is None and not any(kwargs.get(k) is not None for k in ("streamer", "assistant_model", "synced_gpus")):
+        if not any(kwargs.get(k) is not None for k in ("streamer", "assistant_model", "synced_gpus")):
             kwargs.setdefault("custom_generate", loop)
         return plain(*args, **kwargs)
 

@@ -104,7 +104,7 @@ def test_prompt_lookup_in_the_config_dict():
     assert str(e.value).startswith("generate.prompt_lookup_num_tokens: expected a whole number >= 1")
 
 
-def test_load_applies_prompt_lookup_and_keeps_the_decode_loop_off_it(tiny_llama):
+def test_load_applies_prompt_lookup_on_a_dynamic_cache_through_assisted_decoding(tiny_llama):
     import autotune
     from autotune import decode
 
@@ -113,10 +113,27 @@ def test_load_applies_prompt_lookup_and_keeps_the_decode_loop_off_it(tiny_llama)
     m = autotune.load(tiny_llama, cfg)
     assert m.generation_config.prompt_lookup_num_tokens == 3
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
-    runs = decode.stats["runs"]
+    runs, fell = decode.stats["runs"], decode.stats["fallbacks"]
     out = m.generate(ids, do_sample=False, max_new_tokens=12)
-    assert decode.stats["runs"] == runs  # prompt lookup is transformers' assisted decoding, not the loop
+    assert decode.stats["runs"] == runs and decode.stats["fallbacks"] == fell + 1  # no static cache: assisted decoding
     plain = m.generate(ids, do_sample=False, max_new_tokens=12, prompt_lookup_num_tokens=None, custom_generate=None)
+    assert torch.equal(out, plain)
+
+
+def test_load_applies_the_tunes_prompt_lookup_pick_through_the_loop(tiny_llama):
+    """The config the tune picks with --prompts on a GPU (static cache, the loop, prompt lookup):
+    autotune.load's model runs it in the loop, with greedy decoding's tokens."""
+    import autotune
+    from autotune import decode
+
+    cfg = {"from_pretrained": {"dtype": "float32", "device_map": "cpu"},
+           "generate": {"cache_implementation": "static", "prompt_lookup_num_tokens": 10}, "runtime": {"decode_loop": "sync-free"}}
+    m = autotune.load(tiny_llama, cfg)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    runs = decode.stats["runs"]
+    out = m.generate(ids, do_sample=False, max_new_tokens=24)
+    assert decode.stats["runs"] == runs + 1, decode.stats.get("last_fallback")
+    plain = m.generate(ids, do_sample=False, max_new_tokens=24, prompt_lookup_num_tokens=None, custom_generate=None)
     assert torch.equal(out, plain)
 
 
@@ -148,15 +165,22 @@ def test_prompt_batches_are_left_padded_to_one_shape_and_filled_in_turn():
     assert b[1][0].tolist() == [[0, 0, 0, 6], [0, 1, 2, 3]]  # the last batch is filled from the first prompt again
 
 
-def test_a_prompt_lookup_candidate_is_timed_per_verified_chunk_on_the_prompts(tiny_llama, tmp_path):
+def _lookup_candidate(model, out, generate, runtime=None):
+    """A prompt-lookup candidate's process on the CPU (N = 4), timed on two repeating prompts."""
     from autotune.worker import run_candidate
 
-    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"}, "generate": {"prompt_lookup_num_tokens": 4}}
+    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
+           "generate": {"prompt_lookup_num_tokens": 4, **generate}, "runtime": runtime or {}}
     prompt = [[7, 8, 9, 10, 11] * 4, [30, 31, 32] * 5]
-    spec = {"model": str(tiny_llama), "label": "lookup", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 2, "seed": 0,
+    spec = {"model": str(model), "label": "lookup", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 2, "seed": 0,
             "prompt_ids": prompt, "workload": {"batch_size": 1, "prompt_len": 20, "new_tokens": 16, "padding": False, "task": "generate"}}
-    res = run_candidate(spec, str(tmp_path))
+    res = run_candidate(spec, str(out))
     assert res["status"] == "ok", res.get("error")
+    return res
+
+
+def test_a_prompt_lookup_candidate_is_timed_per_verified_chunk_on_the_prompts(tiny_llama, tmp_path):
+    res = _lookup_candidate(tiny_llama, tmp_path, {})
     pl = res["prompt_lookup"]
     assert pl["num_tokens"] == 4 and pl["prompts"] == "real" and len(pl["forwards"]) == 2  # one generate per prompt
     assert all(16 / 5 <= f <= 16 for f in pl["forwards"])  # each forward yields 1 to N+1 tokens
@@ -167,15 +191,7 @@ def test_a_prompt_lookup_candidate_is_timed_per_verified_chunk_on_the_prompts(ti
 
 
 def test_a_prompt_lookup_candidate_with_the_sync_free_loop_counts_its_own_forwards(tiny_llama, tmp_path):
-    from autotune.worker import run_candidate
-
-    cfg = {"from_pretrained": {"dtype": "float32", "attn_implementation": "sdpa", "device_map": "cpu"},
-           "generate": {"prompt_lookup_num_tokens": 4, "cache_implementation": "static"}, "runtime": {"decode_loop": "sync-free"}}
-    prompt = [[7, 8, 9, 10, 11] * 4, [30, 31, 32] * 5]
-    spec = {"model": str(tiny_llama), "label": "lookup-loop", "config": cfg, "reps": 2, "min_reps": 2, "quality_steps": 2, "seed": 0,
-            "prompt_ids": prompt, "workload": {"batch_size": 1, "prompt_len": 20, "new_tokens": 16, "padding": False, "task": "generate"}}
-    res = run_candidate(spec, str(tmp_path))
-    assert res["status"] == "ok", res.get("error")
+    res = _lookup_candidate(tiny_llama, tmp_path, {"cache_implementation": "static"}, {"decode_loop": "sync-free"})
     pl = res["prompt_lookup"]
     assert pl["num_tokens"] == 4 and pl["prompts"] == "real" and len(pl["forwards"]) == 2
     assert all(16 / 5 <= f <= 16 for f in pl["forwards"])  # the loop's own count: 1 to N+1 tokens a forward
