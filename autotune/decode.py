@@ -189,20 +189,27 @@ def _choose(torch: Any, logits: Any, suppress: Any, plan: dict[str, Any]) -> Any
     return torch.argmax(probs / q, dim=-1)
 
 
+def _forward(torch: Any, model: Any, cache: Any, ids: Any, pos: Any, mask2d: Any, plan: dict[str, Any]) -> Any:
+    """The model's logits for ``ids`` (batch x q, at positions ``pos``) after what the static
+    ``cache`` holds: the 4D mask built as generate builds it, from the 2D mask over the whole cache
+    and the cache's own position."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
+    mask = make_mask(config=model.config, inputs_embeds=torch.empty((*ids.shape, 0), dtype=model.dtype, device=ids.device),
+                     attention_mask=mask2d, position_ids=pos, is_first_iteration=False, **{plan["mask_cache"]: cache})
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, return_dict=True, **{plan["forward_cache"]: cache})
+    return out.logits
+
+
 def _step(model: Any, cache: Any, tok: Any, pos: Any, mask2d: Any, unfinished: Any, suppress: Any, pad: Any,
           eos: Any, plan: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """One decode step: forward of the last token, choice, padding of finished rows, EOS check.
     Returns the next token, position and unfinished rows, and the step's raw float32 logits (a
     graph output costs nothing more: they are computed in float32 for the choice anyway)."""
     import torch
-    from transformers.masking_utils import create_masks_for_generate
 
-    make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
-    b = tok.shape[0]
-    mask = make_mask(config=model.config, inputs_embeds=torch.empty((b, 1, 0), dtype=model.dtype, device=tok.device),
-                     attention_mask=mask2d, position_ids=pos, is_first_iteration=False, **{plan["mask_cache"]: cache})
-    out = model(input_ids=tok[:, None], position_ids=pos, attention_mask=mask, use_cache=True, return_dict=True, **{plan["forward_cache"]: cache})
-    logits = out.logits[:, -1].to(dtype=torch.float32)
+    logits = _forward(torch, model, cache, tok[:, None], pos, mask2d, plan)[:, -1].to(dtype=torch.float32)
     nxt = _choose(torch, logits, suppress, plan)
     if eos is not None:
         nxt = torch.where(unfinished, nxt, pad)
@@ -328,14 +335,20 @@ class _Graphs:
         self.unfinished.copy_(unfinished)
         self.length.fill_(length)
         self.full.copy_(full)
-        for mine, theirs in ((self.pad, pad), (self.eos, eos), *((self.plan[k], v) for k, v in plan.items() if torch.is_tensor(v))):
-            if mine is not None and mine is not theirs:
-                mine.copy_(theirs)
+        _load_values(torch, ((self.pad, pad), (self.eos, eos)), self.plan, plan)
 
     def run(self, n: int) -> Any:
         """Replay ``n`` steps (``k`` or 1); their tokens (a fresh tensor, batch x n)."""
         self.replays[n]()
         return self.blocks[n].clone()
+
+
+def _load_values(torch: Any, pairs: Any, mine_plan: dict[str, Any], plan: dict[str, Any]) -> None:
+    """A new call's values copied into a captured set's own tensors (a graph reads them by
+    address), and the tensors of its plan into the set's plan's."""
+    for mine, theirs in (*pairs, *((mine_plan[k], v) for k, v in plan.items() if torch.is_tensor(v))):
+        if mine is not None and mine is not theirs:
+            mine.copy_(theirs)
 
 
 _graph_sets: dict[Any, _Graphs] = {}
@@ -402,6 +415,44 @@ def _warn_once(reason: str) -> None:
         log.warning("autotune's sync-free decode loop not used (%s): transformers' own loop runs", reason)
 
 
+def _max_len(cache: Any) -> int:
+    return cache.get_max_length() if hasattr(cache, "get_max_length") else cache.max_cache_len
+
+
+def _prefill(torch: Any, model: Any, input_ids: Any, generation_config: Any, model_kwargs: dict[str, Any], plan: dict[str, Any],
+             eos: Any) -> tuple[dict[str, Any], Any, Any, Any]:
+    """The prefill, exactly as ``_sample`` runs it (uncompiled; it fills the static cache), and
+    the first token: the updated model kwargs, its float32 logits, the token, the unfinished rows."""
+    device = input_ids.device
+    b, start = input_ids.shape
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    del outputs
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
+    if eos is not None:
+        unfinished = unfinished & ~torch.isin(tok, eos)
+    return model_kwargs, logits, tok, unfinished
+
+
+def _decode_inputs(torch: Any, model_kwargs: dict[str, Any], cache: Any, b: int, start: int, device: Any) -> tuple[Any, Any]:
+    """What each decode step takes besides the tokens: the 2D mask over the whole static cache
+    (the prompt's, then ones: the causal part of the mask, from the cache's own position, hides
+    what is not written yet) and the last token's position id."""
+    mask2d = model_kwargs.get("attention_mask")
+    max_len = _max_len(cache)
+    full = torch.ones(b, max_len, dtype=torch.long, device=device)
+    if mask2d is not None:  # (one new token: the cache holds the prompt only, the mask one more)
+        n = min(mask2d.shape[1], max_len)
+        full[:, :n] = mask2d[:, :n]
+    pos = model_kwargs.get("position_ids")
+    # contiguous, as the step's own ``pos + 1`` is: a slice's clone keeps the prompt's stride, a new
+    # input layout that compiled the step a second time (dynamic=False guards on strides)
+    pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
+    return full, pos
+
+
 def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteria: Any, generation_config: Any,
              synced_gpus: bool = False, streamer: Any = None, first_token_hook: Callable[[], None] | None = None,
              check_every: int | None = None, forced_tokens: Any = None, logits_out: list[Any] | None = None,
@@ -464,16 +515,8 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
         else:
             graphs = None
             release()  # one set at a time: its KV cache and graph pool are freed before this prefill
-    # the prefill, exactly as _sample runs it (uncompiled; it fills the static cache)
-    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    model_kwargs, logits, tok, unfinished = _prefill(torch, model, input_ids, generation_config, model_kwargs, plan, eos)
     cache = model_kwargs[plan["cache_key"]]
-    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-    del outputs
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
-    if eos is not None:
-        unfinished = unfinished & ~torch.isin(tok, eos)
     if probe:
         n_new = min(n_new, int(forced_tokens.shape[1]))
         logits_out.append(_masked(torch, logits, start, plan))
@@ -482,18 +525,7 @@ def generate(model: Any, input_ids: Any, logits_processor: Any, stopping_criteri
     toks = [tok]
     if first_token_hook is not None:
         first_token_hook()
-    # the 2D mask over the whole static cache: the prompt's, then ones (the causal part of the
-    # mask, from the cache's own position, hides what is not written yet)
-    mask2d = model_kwargs.get("attention_mask")
-    max_len = cache.get_max_length() if hasattr(cache, "get_max_length") else cache.max_cache_len
-    full = torch.ones(b, max_len, dtype=torch.long, device=device)
-    if mask2d is not None:  # (one new token: the cache holds the prompt only, the mask one more)
-        n = min(mask2d.shape[1], max_len)
-        full[:, :n] = mask2d[:, :n]
-    pos = model_kwargs.get("position_ids")
-    # contiguous, as the step's own ``pos + 1`` is: a slice's clone keeps the prompt's stride, a new
-    # input layout that compiled the step a second time (dynamic=False guards on strides)
-    pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((b, 1), start, dtype=torch.long, device=device)
+    full, pos = _decode_inputs(torch, model_kwargs, cache, b, start, device)
     cudagraphs = device.type == "cuda" and not own and step is not _step
     no = torch.tensor(False, device=device)
     yes = torch.tensor(True, device=device)
@@ -563,7 +595,6 @@ def _lookup_step(model: Any, cache: Any, seq: Any, length: Any, pos: Any, unfini
     mask until they are overwritten. Returns the new seq, length, pos, unfinished flag and count
     of forwards that produced tokens."""
     import torch
-    from transformers.masking_utils import create_masks_for_generate
 
     n, top = plan["lookup"], plan["ngram"]
     row = seq[0]
@@ -588,12 +619,7 @@ def _lookup_step(model: Any, cache: Any, seq: Any, length: Any, pos: Any, unfini
         valid = valid & (torch.cumsum(((length + ahead < plan["min_length"]) & torch.isin(cand, eos_min)).long(), 0) == 0)
     last = row.gather(0, (length - 1).reshape(1))
     x = torch.cat([last, torch.where(valid, cand, last.expand(n))]).reshape(1, n + 1)
-    block = pos + torch.arange(n + 1, device=dev)
-    make_mask = getattr(model, "create_masks_for_generate", create_masks_for_generate)
-    mask = make_mask(config=model.config, inputs_embeds=torch.empty((1, n + 1, 0), dtype=model.dtype, device=dev),
-                     attention_mask=full, position_ids=block, is_first_iteration=False, **{plan["mask_cache"]: cache})
-    out = model(input_ids=x, position_ids=block, attention_mask=mask, use_cache=True, return_dict=True, **{plan["forward_cache"]: cache})
-    logits = out.logits[0].to(dtype=torch.float32)
+    logits = _forward(torch, model, cache, x, pos + torch.arange(n + 1, device=dev), full, plan)[0].to(dtype=torch.float32)
     if eos_min is not None:  # EOS suppressed where the minimum length is not reached
         cols = torch.isin(torch.arange(logits.shape[-1], device=dev), eos_min)
         short = (length + torch.arange(n + 1, device=dev)) < plan["min_length"]
@@ -631,18 +657,15 @@ class _LookupSet:
         self.one = one
 
     def load(self, torch: Any, seq: Any, length: Any, pos: Any, unfinished: Any, full: Any, eos: Any, plan: dict[str, Any]) -> None:
-        for mine, theirs in ((self.seq, seq), (self.length, length), (self.pos, pos), (self.unfinished, unfinished), (self.full, full),
-                             (self.eos, eos), *((self.plan[k], v) for k, v in plan.items() if torch.is_tensor(v))):
-            if mine is not None and mine is not theirs:
-                mine.copy_(theirs)
+        pairs = ((self.seq, seq), (self.length, length), (self.pos, pos), (self.unfinished, unfinished), (self.full, full), (self.eos, eos))
+        _load_values(torch, pairs, self.plan, plan)
         self.forwards.zero_()
 
 
 def _longer_cache(model: Any, cache: Any, extra: int) -> Any:
     """A static cache like ``cache`` with ``extra`` more positions: the verifying forward writes
     ``lookup + 1`` of them from the last token on, up to ``lookup`` past what generate sized."""
-    size = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
-    return type(cache)(config=model.config, max_cache_len=size + extra)
+    return type(cache)(config=model.config, max_cache_len=_max_len(cache) + extra)
 
 
 def _lookup_generate(torch: Any, model: Any, input_ids: Any, generation_config: Any, model_kwargs: dict[str, Any],
@@ -667,28 +690,14 @@ def _lookup_generate(torch: Any, model: Any, input_ids: Any, generation_config: 
             release()  # one set at a time
         cache = _longer_cache(model, fresh, n + 1)
     model_kwargs[name] = cache
-    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-    del outputs
-    tok = _choose(torch, logits, torch.tensor(start < plan["min_length"], device=device), plan)
-    unfinished = torch.ones(1, dtype=torch.bool, device=device)
-    if eos is not None:
-        unfinished = unfinished & ~torch.isin(tok, eos)
+    model_kwargs, _, tok, unfinished = _prefill(torch, model, input_ids, generation_config, model_kwargs, plan, eos)
     if first_token_hook is not None:
         first_token_hook()
     seq = torch.zeros((1, plan["max_length"] + n + 1), dtype=input_ids.dtype, device=device)
     seq[:, :start] = input_ids
     seq[:, start] = tok
     length = torch.tensor(start + 1, dtype=torch.long, device=device)
-    max_len = max(getattr(layer, "max_cache_len", 0) for layer in cache.layers)
-    full = torch.ones(1, max_len, dtype=torch.long, device=device)
-    mask2d = model_kwargs.get("attention_mask")
-    if mask2d is not None:
-        m = min(mask2d.shape[1], max_len)
-        full[:, :m] = mask2d[:, :m]
-    pos = model_kwargs.get("position_ids")
-    pos = pos[:, -1:].clone(memory_format=torch.contiguous_format) if pos is not None else torch.full((1, 1), start, dtype=torch.long, device=device)
+    full, pos = _decode_inputs(torch, model_kwargs, cache, 1, start, device)
     if held is None:
         held = _LookupSet(step, model, cache, plan, seq, length, pos, unfinished, full, eos)
     else:

@@ -350,9 +350,10 @@ class Search:
         # (torchao int8's verifying forward of several rows crawls: TORCHAO-INT8WO-LOOKUP)
         plain = [t for t in looped if not t.config["from_pretrained"].get("quantization_config")]
         quantized = [t for t in looped if t not in plain]
+        floor = max(map(self.judge.score, plain), default=None)  # a quantized base must beat the fastest plain one
         for group in (plain, quantized):
             for base in sorted(group, key=self.judge.score, reverse=True):
-                if group is quantized and plain and self.judge.score(base) <= self.judge.score(max(plain, key=self.judge.score)):
+                if group is quantized and floor is not None and self.judge.score(base) <= floor:
                     break
                 variants = []
                 for n in PROMPT_LOOKUP_TOKENS:

@@ -28,6 +28,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from autotune import decode, prompts
+    from autotune.worker import _agreement
 
     ids = prompts.load(args.prompts, args.model).ids
     rows = []
@@ -45,8 +46,7 @@ def main() -> int:
             n = x.shape[1]
 
             def agree(a, b):
-                d = (a[0, n:] != b[0, n:]).nonzero()
-                return int(d[0]) if len(d) else int(a.shape[1] - n)
+                return _agreement(torch, a, b, n)["agree_tokens"]
 
             row = {"dtype": dtype, "prompt": i, "loop_lookup_vs_loop": agree(ours, loop), "loop_lookup_vs_assisted": agree(ours, theirs),
                    "loop_vs_eager_greedy": agree(loop, eager), "assisted_vs_eager_greedy": agree(theirs, eager), "loop_lookup_forwards": forwards}
