@@ -379,7 +379,13 @@ class Search:
             pl = t.metric("prompt_lookup") or {}
             if t.status == STATUS_OK and pl:
                 same = "the same tokens as" if pl.get("tokens_equal") else f"{pl.get('agree_tokens')} of {pl.get('of')} leading tokens equal to"
-                self.notes.append(f"{t.label}: {pl.get('tokens_per_forward')} tokens per forward on your prompts; {same} greedy decoding without it")
+                why = ""
+                if not pl.get("tokens_equal") and t.config["runtime"].get("decode_loop") and t.config["from_pretrained"].get("dtype") != "float32":
+                    # float32 repeats the reference token for token (tests/test_gpu_decode.py); half
+                    # precision compiled kernels round differently from eager ones, and near-ties flip
+                    why = " (compiled and eager half-precision kernels round differently)"
+                self.notes.append(f"{t.label}: {pl.get('tokens_per_forward')} tokens per forward on your prompts; {same} "
+                                  f"{pl.get('against') or 'greedy decoding without it'}{why}")
 
     # ---- the eager regime
     def eager_search(self, baseline: Trial, *, static_uncompiled: bool) -> None:

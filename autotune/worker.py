@@ -565,7 +565,8 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         # candidates' warm-ups, not after the timed runs, where the next candidate's timed runs
         # would wait out an eager generate (128 tokens of a 1.1 B model: about 3 s on an H200)
         # (with prompt lookup, against greedy decoding without it: transformers runs lookup on a dynamic cache only)
-        loop_check = _loop_check(torch, model, batches[0][0], {**plain, "attention_mask": batches[0][1]}, warm_seq)
+        loop_check = _loop_check(torch, model, batches[0][0], {**plain, "attention_mask": batches[0][1]}, warm_seq,
+                                 against="transformers' generate without prompt lookup, uncompiled, same weights" if lookup else None)
     _hold(spec)
     graphs_before = _dynamo_graphs(torch)
 
@@ -684,7 +685,7 @@ def _agreement(torch: Any, seq: Any, ref: Any, n: int) -> dict[str, Any]:
             "of": int(max(a.shape[1], b.shape[1]))}
 
 
-def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any) -> dict[str, Any]:
+def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any, against: str | None = None) -> dict[str, Any]:
     """The sync-free loop's greedy tokens (``seq``: its last warm-up call) against transformers' own
     loop on the same model, uncompiled (not timed): equal, or how many leading tokens agree in every row."""
     from . import decode
@@ -692,7 +693,7 @@ def _loop_check(torch: Any, model: Any, ids: Any, base: dict[str, Any], seq: Any
     with torch.inference_mode():
         ref = model.generate(ids, **{**base, "disable_compile": True}, custom_generate=None)
     return {"name": decode.NAME, **_agreement(torch, seq, ref, ids.shape[1]),
-            "against": "transformers' generate, uncompiled, same weights"}
+            "against": against or "transformers' generate, uncompiled, same weights"}
 
 
 def encoder_inputs(torch: Any, vocab: int, workload: dict[str, Any], seed: int, device: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ text it never saw (held-out stdlib files), as a user runs it: ``autotune tune MO
     python benchmarks/prompt_lookup.py --model DIR/model --out DIR      # reuse a model train wrote
     PYTHONPATH=. python3 benchmarks/prompt_lookup.py --shape 1.1b --seconds 240 --out DIR   # a GPU: the 1.1 B shape
     PYTHONPATH=/tmp/site:. python3 benchmarks/prompt_lookup.py --shape 1.1b --seconds 140 --quantization always --out DIR   # and torchao
+    ... --tune-arg=--cache --tune-arg=static --tune-arg=--dtype --tune-arg=bfloat16   # the compiled regime only
 
 Writes DIR/model (with autotune-train.json), DIR/prompts.jsonl, DIR/tune.json (the tune's whole
 report) and prints each candidate's decode rate, TTFT and, for prompt lookup, tokens per
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantization", choices=["auto", "always", "never"], default="auto", help="the tune's --quantization")
+    ap.add_argument("--tune-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the tune, e.g. --tune-arg=--cache --tune-arg=static (repeatable)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from autotune import textmodel
@@ -58,7 +61,7 @@ def main() -> int:
     textmodel.heldout_prompts(model, prompts, count=args.prompts, tokens=args.prompt_tokens)
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "autotune", "tune", str(model), "--prompts", str(prompts), "--new-tokens", str(args.new_tokens),
-           "--quantization", args.quantization, "--no-cache", "--json"]
+           "--quantization", args.quantization, "--no-cache", "--json", *args.tune_arg]
     # the source tree first, then what the caller's PYTHONPATH holds (wheels installed with --target)
     path = os.pathsep.join(part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part)
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
