@@ -289,7 +289,7 @@ def _tune(args: argparse.Namespace) -> int:
             bar.n = done
             bar.set_description(label[:40])
             bar.refresh()
-        elif not args.json:
+        else:  # a log (with --json too: stdout holds only the report)
             print(f"[{done + 1}/{total}] {label}", file=sys.stderr, flush=True)
 
     try:

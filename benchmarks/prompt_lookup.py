@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantization", choices=["auto", "always", "never"], default="auto", help="the tune's --quantization")
+    ap.add_argument("--tune-timeout", type=float, help="interrupt the tune after this many seconds and keep what it measured")
     ap.add_argument("--tune-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for the tune, e.g. --tune-arg=--cache --tune-arg=static (repeatable)")
     args = ap.parse_args()
@@ -64,14 +66,22 @@ def main() -> int:
            "--quantization", args.quantization, "--no-cache", "--json", *args.tune_arg]
     # the source tree first, then what the caller's PYTHONPATH holds (wheels installed with --target)
     path = os.pathsep.join(part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part)
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
-    if p.returncode != 0:
-        print(p.stderr[-3000:], file=sys.stderr)
-        return p.returncode
-    report = json.loads(p.stdout)
+    # the tune's progress (stderr) goes to this script's stderr as it comes, so a run cut short
+    # still shows how far it got; past --tune-timeout it is interrupted (SIGINT) and its report
+    # of what it measured by then (marked "interrupted") is kept
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
+    try:
+        out, _ = p.communicate(timeout=args.tune_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"the tune ran past --tune-timeout {args.tune_timeout:g} s: interrupting it", file=sys.stderr, flush=True)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    if p.returncode not in (0, 128 + signal.SIGINT) or not out.strip():
+        return p.returncode or 1
+    report = json.loads(out)
     (args.out / "tune.json").write_text(json.dumps(report, indent=1))
     print(f"$ {' '.join(cmd[1:])}   ({time.perf_counter() - t0:.1f} s)")
-    print(f"pick: {report['pick']}")
+    print(f"pick: {report['pick']}" + ("  (interrupted)" if report.get("interrupted") else ""))
     for t in report["trials"]:
         s = t.get("summary") or {}
         pl = next((m.get("prompt_lookup") for m in reversed(t["measurements"]) if m.get("prompt_lookup")), None)
