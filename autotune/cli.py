@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="FILE", help="your own prompts (.txt one per line, .jsonl, or a .json list; the model's tokenizer "
                    "is used): the prompt length is theirs, and prompt-lookup decoding, whose speed depends on the text, is measured on them")
     p.add_argument("--objective", choices=["throughput", "latency", "memory"], default="throughput")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop measuring after this long; what was measured is kept")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no measurement after this long (runs under way, and candidates already warming up "
+                   "beside each other, finish); what was measured is kept")
     p.add_argument("--max-memory", metavar="SPEC", help="a memory budget enforced in each candidate, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     p.add_argument("--quantization", choices=["auto", "always", "never"], default="auto",
                    help="auto: bitsandbytes only for --objective memory or when the model does not fit; always: also torchao "
