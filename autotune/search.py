@@ -302,12 +302,9 @@ class Search:
         live = [t for t in trials if t.status == "planned"]
         if not live:
             return
-        launched = {}
-        if len(live) > 1:
-            if not self.overlap_fits(live + self.held_spares()):
-                self.bench.cancel(self.spares)
-            if self.overlap_fits(live + self.held_spares()):
-                launched = self.bench.launch(live)
+        if self.spares and not self.overlap_fits(live + self.held_spares()):
+            self.bench.cancel(self.spares)  # room for these first (one alone too)
+        launched = self.bench.launch(live) if len(live) > 1 and self.overlap_fits(live + self.held_spares()) else {}
         self.bench.warm(launched)
         for t in live:
             self.bench.measure(t, launched.get(t.label))
@@ -371,10 +368,9 @@ class Search:
                               "runs it, and no compiled candidate with that loop ran")
             return
         trials = self.bench.add(made)
-        for t in trials:
-            if t.status == "planned" and self.spares and not self.overlap_fits([t] + self.held_spares()):
-                self.bench.cancel(self.spares)
-            self.bench.measure(t)
+        # side by side like the other stages (each compiled loop lookup took 40-80 s one after
+        # another in an H200 tune: docs/gpu/h200-s13-tune-trained-quant-first.json's timeline)
+        self.launch_and_measure(trials)
         for t in trials:
             pl = t.metric("prompt_lookup") or {}
             if t.status == STATUS_OK and pl:

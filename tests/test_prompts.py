@@ -260,6 +260,23 @@ def test_on_a_gpu_prompt_lookup_is_measured_on_both_caches(llama):
     assert parse_config(r.pick.config).prompt_lookup == 10 and r.pick.config["runtime"].get("decode_loop") == "sync-free"
 
 
+def test_the_lookup_candidates_compile_side_by_side_and_are_timed_alone(llama):
+    from .test_search import LaunchingRunner
+
+    class Launching(LaunchingRunner, LookupRunner):
+        pass
+
+    runner = Launching()
+    r = tuned(llama, runner, "h100-80gb")
+    names = {t.label for t in lookups(r)}
+    ev = [e for e in runner.events if e[1] in names]
+    assert {lb for what, lb in ev if what == "launch"} == names, ev  # all four launched (none run the plain way)
+    first_release = next(i for i, e in enumerate(ev) if e[0] == "release")
+    assert all(i < first_release for i, e in enumerate(ev) if e[0] in ("launch", "warm")), "all warm before any is timed"
+    assert [lb for what, lb in ev if what == "release"] == [t.label for t in lookups(r)], "then each is timed in turn"
+    assert all(t.status == "ok" for t in lookups(r))
+
+
 def test_batched_prompt_lookup_is_dropped_by_the_rule(llama):
     r = tuned(llama, LookupRunner(), "cpu", batch=4)
     found = lookups(r)
