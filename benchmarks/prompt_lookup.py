@@ -75,7 +75,11 @@ def main() -> int:
     except subprocess.TimeoutExpired:
         print(f"the tune ran past --tune-timeout {args.tune_timeout:g} s: interrupting it", file=sys.stderr, flush=True)
         p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=120)
+        try:
+            out, _ = p.communicate(timeout=120)  # it ends its candidates' processes and prints its report
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
     if not out.strip():  # no report: the tune's own error went to stderr
         return p.returncode or 1
     report = json.loads(out)
