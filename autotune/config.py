@@ -65,6 +65,7 @@ class Candidate:
     torchao_type: Any = None  # torchao's config class (quant_type's "_type"), e.g. "Int4WeightOnlyConfig"
     torchao_sets_inductor_config: Any = None  # its _data.set_inductor_config (torchao's default: true)
     torchao_bit_width: Any = None  # _data.bit_width of torchao's gemlite-backed UIntx configs (their default: 4)
+    torchao_group_size: Any = None  # _data.group_size where given (the weight bytes of its scales; None: the class default)
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -285,6 +286,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True)) if isinstance(data, Mapping) else True
             if kw["torchao_type"] in TORCHAO_UINTX:
                 kw["torchao_bit_width"] = data.get("bit_width", 4) if isinstance(data, Mapping) else 4
+            if isinstance(data, Mapping) and isinstance(data.get("group_size"), int) and data["group_size"] > 0:
+                kw["torchao_group_size"] = data["group_size"]
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):

@@ -1,17 +1,20 @@
 """Memory estimate: weights in the chosen dtype / quantization, KV cache, activations, overhead.
 
 Weights come from safetensors headers when the model folder has them (exact bytes per
-tensor), else from the shape in config.json. bitsandbytes leaves embeddings and ``lm_head``
-unquantized (transformers' ``get_keys_to_not_convert``), so they stay in the compute dtype.
+tensor), else from the shape in config.json. bitsandbytes and torchao leave embeddings and
+``lm_head`` unquantized (transformers' ``get_keys_to_not_convert``), so they stay in the compute
+dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
 
+from .config import TORCHAO_UINTX as TORCHAO_UINTX_TYPES
 from .config import Candidate
 from .facts import UNKNOWN, Facts, parse_version
 from .model import ModelSpec
@@ -60,6 +63,33 @@ def _quantized(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and not any(s in name for s in ("embed", "lm_head", "wte", "wpe", "norm"))
 
 
+def torchao_bytes(candidate: Candidate) -> tuple[float, int] | None:
+    """(bytes per element, bytes per output row) of a Linear weight quantized by the candidate's
+    torchao config, or None when it is no torchao config. From torchao 0.18.0's tensors:
+    ``Int4TilePackedTo4dTensor`` packs two 4-bit values per byte plus a bf16 scale and zero per
+    group (``pack_tinygemm_scales_and_zeros``, group 128 by default); ``Int8Tensor`` one byte
+    per value and per row an fp32 scale and an int8 zero point; ``Float8Tensor`` (PerRow) one
+    byte per value and an fp32 scale per row; the gemlite-backed ``UIntxWeightOnlyConfig``
+    ``bit_width`` bits per value, a scale and a zero per group (fp16 or fp32: counted as 8
+    bytes). Other classes follow transformers 5.17's own guess
+    (``TorchAoHfQuantizer.quantized_param_size``: half a byte where the class name says
+    ``4weight``, else one) with 8 bytes per row for scales and zero points."""
+    if candidate.quantization != "torchao":
+        return None
+    kind = str(candidate.torchao_type or "")
+    group = candidate.torchao_group_size if isinstance(candidate.torchao_group_size, int) else 128
+    if kind == "Int4WeightOnlyConfig":
+        return 0.5 + 4 / group, 0
+    if kind in TORCHAO_UINTX_TYPES:
+        bits = candidate.torchao_bit_width if candidate.torchao_bit_width in (4, 8) else 4
+        return bits / 8 + 8 / group, 0
+    if kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):
+        return 1.0, 5
+    if kind in ("Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"):
+        return 1.0, 4
+    return (0.5 if re.search(r"4weight", kind.lower()) else 1.0), 8
+
+
 def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bool = True) -> Estimate | Any:
     dtype = load_dtype(candidate, model, facts.package("transformers"))
     if dtype is UNKNOWN:
@@ -68,10 +98,13 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
     if candidate.quantization.startswith("bnb") and candidate.dtype in (None, "auto") and dtype == "float32":
         compute = "float16"  # transformers loads bnb models' other modules in fp16 when no dtype is given
     b = BYTES[compute]
+    ao = torchao_bytes(candidate)
     weights = 0
     if model.tensors:
         for t in model.tensors:
-            if candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
+            if ao is not None and _quantized(t.name, t.shape):
+                weights += int(t.numel * ao[0]) + t.shape[0] * ao[1]  # transformers quantizes every nn.Linear but the lm_head
+            elif candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
                 weights += t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
             elif candidate.quantization == "bnb-4bit" and _quantized(t.name, t.shape):
                 weights += t.numel // 2 + (t.numel // 64) * 4  # 4 bits + an fp32 absmax per 64-block
@@ -83,6 +116,8 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
         embed = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
         body = model.param_count - embed
         per = {"bnb-8bit": 1.0 + 4 / max(model.hidden_size, 1), "bnb-4bit": 0.5 + 4 / 64}.get(candidate.quantization, b)
+        if ao is not None:
+            per = ao[0] + ao[1] / max(model.hidden_size, 1)
         weights = int(embed * b + body * per)
     need = (model.num_layers, model.num_kv_heads, model.head_dim, model.num_heads, model.hidden_size, model.vocab_size)
     if any(x is UNKNOWN for x in need):
@@ -118,9 +153,10 @@ def gpu_budget(facts: Facts, index: int, candidate: Candidate) -> Any:
 
 
 def _weights_format(candidate: Candidate, load_dtype: Any) -> str:
-    """How the weights are stored: the bitsandbytes format where the config quantizes (the layers
-    it skips stay in the load dtype), else the load dtype."""
-    q = {"bnb-8bit": "bitsandbytes 8-bit", "bnb-4bit": f"bitsandbytes 4-bit {candidate.bnb_4bit_quant_type or 'fp4'}"}.get(str(candidate.quantization))
+    """How the weights are stored: the bitsandbytes or torchao format where the config quantizes
+    (the layers it skips stay in the load dtype), else the load dtype."""
+    q = {"bnb-8bit": "bitsandbytes 8-bit", "bnb-4bit": f"bitsandbytes 4-bit {candidate.bnb_4bit_quant_type or 'fp4'}",
+         "torchao": f"torchao {candidate.torchao_type}"}.get(str(candidate.quantization))
     return f"{q} (the layers it skips in {load_dtype})" if q else str(load_dtype)
 
 

@@ -141,6 +141,24 @@ def test_memory_fit_for_a_7b_shape(tmp_path):
     assert "MEM-FIT" not in rules_of(r)
 
 
+@pytest.mark.parametrize("kind, fits", [(None, False), ("torchao-int8wo", True), ("torchao-int4wo", True)])
+def test_memory_fit_counts_torchao_weights_in_their_own_bytes(tmp_path, kind, fits):
+    """A 13 B shape on an L4 (24 GB): 26 GB of bf16 weights do not fit one GPU; torchao's int8
+    (one byte a weight) and int4 (half a byte and a bf16 scale and zero per 128) do."""
+    from autotune.space import TORCHAO_KINDS
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+           "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000, "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+    folder = tmp_path / "llama13b"
+    folder.mkdir()
+    write_json(folder / "config.json", cfg)
+    fp = {"dtype": "bfloat16", "device_map": {"": 0}}
+    if kind:
+        fp["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS[kind]}}
+    r = check({"from_pretrained": fp}, target="l4", model=folder)
+    assert ("MEM-FIT" in rules_of(r, "error")) is not fits
+
+
 @pytest.mark.parametrize("cfg, match", [
     ({"dtype": "float17"}, "unknown dtype"),
     ({"max_memory": {"0": "lots"}}, "cannot parse memory size 'lots'"),

@@ -1,0 +1,63 @@
+"""The memory model's torchao weight bytes against what torchao 0.18 really holds after
+transformers' ``from_pretrained`` quantized a model: int8 weight-only on the CPU; int8, int4
+(tinygemm's tile-packed layout, CUDA only) and float8 (sm89+) on a GPU (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import gpu_present, save_tiny_llama
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchao")
+
+
+def held_bytes(t) -> int:
+    """Bytes of a parameter, a torchao tensor subclass counted by its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(held_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # Linear widths that tinygemm's int4 packing and float8's row scales accept
+    return save_tiny_llama(tmp_path_factory.mktemp("ao"), dtype="bfloat16", hidden_size=256, intermediate_size=512, vocab_size=512)
+
+
+def estimate_and_held(folder, kind: str, device: str) -> tuple[int, int, int]:
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from autotune.config import Workload, parse_config
+    from autotune.machine import probe
+    from autotune.memory import estimate
+    from autotune.model import read_model
+    from autotune.space import TORCHAO_KINDS
+
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS[kind]}}
+    cfg = {"from_pretrained": {"dtype": "bfloat16", "device_map": device, "quantization_config": q}}
+    wl = Workload(batch_size=1, prompt_len=8, new_tokens=4)
+    spec, facts = read_model(folder), probe()
+    est = estimate(parse_config(cfg, workload=wl), spec, facts)
+    plain = estimate(parse_config({"from_pretrained": {"dtype": "bfloat16"}}, workload=wl), spec, facts)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device, quantization_config=TorchAoConfig.from_dict(q))
+    quantized = [p for p in model.parameters() if type(p).__name__ != "Parameter"]
+    assert quantized, "torchao quantized no weight"
+    return est.weights, sum(held_bytes(p) for p in model.parameters()), plain.weights
+
+
+def test_int8_weights_are_counted_as_torchao_holds_them(folder):
+    est, held, bf16 = estimate_and_held(folder, "torchao-int8wo", "cpu")
+    assert est == held, (est, held)  # int8 values, an fp32 scale and an int8 zero point per row
+    assert held < 0.6 * bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_present() or not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("kind", ["torchao-int8wo", "torchao-int4wo", "torchao-float8dq"])
+def test_gpu_weights_are_counted_as_torchao_holds_them(folder, kind):
+    if kind == "torchao-float8dq" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm89+")
+    est, held, bf16 = estimate_and_held(folder, kind, "cuda")
+    assert abs(est - held) <= 0.01 * held, (est, held)
