@@ -46,9 +46,14 @@ class FakeRunner:
             return {"label": spec["label"], "status": "error", "error": "RuntimeError: injected"}
         if spec.get("capacity"):
             limit = getattr(self, "max_batch", 10**9)
-            budget = getattr(self, "budget_gib", 80.0)  # peaks grow linearly with the batch and reach the budget at the limit
-            return {"label": spec["label"], "status": "ok", "capacity_checks": [
-                {**s, "fits": s["batch_size"] <= limit, "gpu_peak_gib": {"0": 1.0 + (budget - 1.0) * s["batch_size"] / limit}} for s in spec["capacity"]]}
+            budget = getattr(self, "budget_gib", 80.0)  # reserved peaks grow linearly with the batch and reach the budget at the limit
+            share = getattr(self, "allocated_share", None)  # allocated peaks this share of reserved (None: reports allocated only)
+            checks = []
+            for s in spec["capacity"]:
+                held = 1.0 + (budget - 1.0) * s["batch_size"] / limit
+                peaks = {"gpu_peak_gib": {"0": held}} if share is None else {"gpu_peak_gib": {"0": held * share}, "gpu_reserved_gib": {"0": held}}
+                checks.append({**s, "fits": s["batch_size"] <= limit, **peaks})
+            return {"label": spec["label"], "status": "ok", "capacity_checks": checks}
         runs = [{"decode_tok_s": tok_s * f, "ttft_s": 0.02, "total_s": 8 / tok_s} for f in (0.99, 1.0, 1.01)]
         nproc = spec.get("nproc", 1)
         peaks = {str(i): 1.0 for i in range(nproc)}
@@ -295,10 +300,12 @@ def test_failing_rank_ends_the_launch_without_waiting_for_the_timeout(llama, tmp
     assert r["wall_s"] < 200
 
 
-@pytest.mark.parametrize("limit_factor", [1.0, 0.95, 0.5, 0.1])
-def test_capacity_ends_with_a_figure_that_ran(llama, limit_factor):
+@pytest.mark.parametrize("limit_factor,allocated_share", [(1.0, None), (0.95, None), (0.5, None), (0.1, None), (0.5, 0.8), (0.1, 0.8)])
+def test_capacity_ends_with_a_figure_that_ran(llama, limit_factor, allocated_share):
     """The estimate's largest batch is run; if it does not fit, real runs search down (90 %
-    first, then bisection, a bounded number of runs); what is reported is the largest that ran."""
+    first, then bisection, a bounded number of runs); what is reported is the largest that ran.
+    With ``allocated_share`` the checks report allocated peaks below the reserved ones, and it is
+    reserved memory that reaches the budget (as on a GPU: the caching allocator's blocks)."""
     from autotune.capacity import MAX_SEARCH_RUNS
 
     plain = Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=FakeRunner(), check_capacity=False).run()
@@ -307,6 +314,7 @@ def test_capacity_ends_with_a_figure_that_ran(llama, limit_factor):
     runner = FakeRunner()
     limit = runner.max_batch = int(estimated * limit_factor)
     runner.budget_gib = plain.capacity["budget_gib"]
+    runner.allocated_share = allocated_share
     r = Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner).run()
     checks = [s for s in runner.specs if s.get("capacity")]
     assert checks[0]["capacity"][0] == {"batch_size": estimated, "prompt_len": WORKLOAD.prompt_len}
