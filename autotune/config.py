@@ -66,6 +66,7 @@ class Candidate:
     torchao_sets_inductor_config: Any = None  # its _data.set_inductor_config (torchao's default: true)
     torchao_bit_width: Any = None  # _data.bit_width of torchao's gemlite-backed UIntx configs (their default: 4)
     torchao_group_size: Any = None  # _data.group_size where given (the weight bytes of its scales; None: the class default)
+    torchao_packing_format: Any = None  # _data.int4_packing_format where given, e.g. "tile_packed_to_4d" (it pads the weights)
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -288,6 +289,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
                 kw["torchao_bit_width"] = data.get("bit_width", 4) if isinstance(data, Mapping) else 4
             if isinstance(data, Mapping) and isinstance(data.get("group_size"), int) and data["group_size"] > 0:
                 kw["torchao_group_size"] = data["group_size"]
+            if isinstance(data, Mapping) and isinstance(data.get("int4_packing_format"), str):
+                kw["torchao_packing_format"] = data["int4_packing_format"]
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):

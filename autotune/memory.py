@@ -63,31 +63,40 @@ def _quantized(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and not any(s in name for s in ("embed", "lm_head", "wte", "wpe", "norm"))
 
 
-def torchao_bytes(candidate: Candidate) -> tuple[float, int] | None:
-    """(bytes per element, bytes per output row) of a Linear weight quantized by the candidate's
-    torchao config, or None when it is no torchao config. From torchao 0.18.0's tensors:
-    ``Int4TilePackedTo4dTensor`` packs two 4-bit values per byte plus a bf16 scale and zero per
-    group (``pack_tinygemm_scales_and_zeros``, group 128 by default); ``Int8Tensor`` one byte
-    per value and per row an fp32 scale and an int8 zero point; ``Float8Tensor`` (PerRow) one
-    byte per value and an fp32 scale per row; the gemlite-backed ``UIntxWeightOnlyConfig``
-    ``bit_width`` bits per value, a scale and a zero per group (fp16 or fp32: counted as 8
-    bytes). Other classes follow transformers 5.17's own guess
+def torchao_bytes(candidate: Candidate, shape: tuple[int, ...] | None = None) -> float | None:
+    """Bytes of one Linear weight of ``shape`` (out, in) quantized by the candidate's torchao
+    config; without a shape, bytes per weight (a square ``hidden`` x ``hidden``-sized guess is
+    left to the caller); None when it is no torchao config. From torchao 0.18.0's tensors:
+    ``Int4TilePackedTo4dTensor`` pads ``in`` to a multiple of 1,024 and ``out`` to one of 8, then
+    packs two 4-bit values per byte plus a bf16 scale and zero per group
+    (``pack_tinygemm_scales_and_zeros``; group 128 by default); the ``plain`` int4 layout the same
+    without padding; ``Int8Tensor`` one byte per value and per row an fp32 scale and an int8 zero
+    point; ``Float8Tensor`` (PerRow) one byte per value and an fp32 scale per row; the
+    gemlite-backed ``UIntxWeightOnlyConfig`` ``bit_width`` bits per value, a scale and a zero per
+    group (fp16 or fp32: counted as 8 bytes). Other classes follow transformers 5.17's own guess
     (``TorchAoHfQuantizer.quantized_param_size``: half a byte where the class name says
     ``4weight``, else one) with 8 bytes per row for scales and zero points."""
     if candidate.quantization != "torchao":
         return None
     kind = str(candidate.torchao_type or "")
     group = candidate.torchao_group_size if isinstance(candidate.torchao_group_size, int) else 128
+    out, inp = (shape[0], shape[-1]) if shape else (1, 1)
     if kind == "Int4WeightOnlyConfig":
-        return 0.5 + 4 / group, 0
-    if kind in TORCHAO_UINTX_TYPES:
+        if shape and candidate.torchao_packing_format == "tile_packed_to_4d":
+            out, inp = -(-out // 8) * 8, -(-inp // 1024) * 1024
+        per, row = 0.5 + 4 / group, 0
+    elif kind in TORCHAO_UINTX_TYPES:
         bits = candidate.torchao_bit_width if candidate.torchao_bit_width in (4, 8) else 4
-        return bits / 8 + 8 / group, 0
-    if kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):
-        return 1.0, 5
-    if kind in ("Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"):
-        return 1.0, 4
-    return (0.5 if re.search(r"4weight", kind.lower()) else 1.0), 8
+        per, row = bits / 8 + 8 / group, 0
+    elif kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):
+        per, row = 1.0, 5
+    elif kind in ("Float8WeightOnlyConfig", "Float8DynamicActivationFloat8WeightConfig"):
+        per, row = 1.0, 4
+    else:
+        per, row = (0.5 if re.search(r"4weight", kind.lower()) else 1.0), 8
+    if not shape:
+        return per
+    return out * inp * per + out * row
 
 
 def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bool = True) -> Estimate | Any:
@@ -103,7 +112,7 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
     if model.tensors:
         for t in model.tensors:
             if ao is not None and _quantized(t.name, t.shape):
-                weights += int(t.numel * ao[0]) + t.shape[0] * ao[1]  # transformers quantizes every nn.Linear but the lm_head
+                weights += int(torchao_bytes(candidate, t.shape) or 0)  # transformers quantizes every nn.Linear but the lm_head
             elif candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
                 weights += t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
             elif candidate.quantization == "bnb-4bit" and _quantized(t.name, t.shape):
@@ -117,7 +126,7 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
         body = model.param_count - embed
         per = {"bnb-8bit": 1.0 + 4 / max(model.hidden_size, 1), "bnb-4bit": 0.5 + 4 / 64}.get(candidate.quantization, b)
         if ao is not None:
-            per = ao[0] + ao[1] / max(model.hidden_size, 1)
+            per = ao  # per weight, without the row scales or int4's padding
         weights = int(embed * b + body * per)
     need = (model.num_layers, model.num_kv_heads, model.head_dim, model.num_heads, model.hidden_size, model.vocab_size)
     if any(x is UNKNOWN for x in need):
