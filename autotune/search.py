@@ -283,12 +283,12 @@ class Search:
         without float8 or int4 kernels); the judge keeps only those within the quality tolerance.
         Measured with ``--quantization always`` only: they change the weights (a lossy option is
         the user's to ask for), each compiles for a minute or more, and on the H100 none beat
-        bfloat16 with the sync-free loop then; with the loop's own CUDA graphs int4 ran 1.54x
+        bfloat16 with the sync-free loop then; with the loop's own CUDA graphs int4 ran 1.56x
         bfloat16 at 7 B batch 1 on the H200, and 0.92x at batch 8 (docs/PERFORMANCE.md, issue 12)."""
         if self.quantization != "always":
             self.notes.append("torchao weight-only quantization not measured (--quantization always measures int8, int4 and float8 of the "
                               "pick, within --quality-tolerance; they change the weights; with the sync-free loop int4 decoded a 7 B "
-                              "shape at batch 1 1.54x bfloat16 on an H200, 331.3 vs 215.5 tok/s)")
+                              "shape at batch 1 1.56x bfloat16 on an H200, 334.0 vs 213.8 tok/s)")
             return
         lead = self.compiled_leader()
         if lead is None:
