@@ -13,9 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-
-from .config import TORCHAO_UINTX as TORCHAO_UINTX_TYPES
-from .config import Candidate
+from .config import TORCHAO_UINTX, Candidate
 from .facts import UNKNOWN, Facts, parse_version
 from .model import ModelSpec
 
@@ -65,8 +63,8 @@ def _quantized(name: str, shape: tuple[int, ...]) -> bool:
 
 def torchao_bytes(candidate: Candidate, shape: tuple[int, ...] | None = None) -> float | None:
     """Bytes of one Linear weight of ``shape`` (out, in) quantized by the candidate's torchao
-    config; without a shape, bytes per weight (a square ``hidden`` x ``hidden``-sized guess is
-    left to the caller); None when it is no torchao config. From torchao 0.18.0's tensors:
+    config; without a shape, bytes per weight, leaving out the row scales and int4's padding;
+    None when it is no torchao config. From torchao 0.18.0's tensors:
     ``Int4TilePackedTo4dTensor`` pads ``in`` to a multiple of 1,024 and ``out`` to one of 8, then
     packs two 4-bit values per byte plus a bf16 scale and zero per group
     (``pack_tinygemm_scales_and_zeros``; group 128 by default); the ``plain`` int4 layout the same
@@ -85,7 +83,7 @@ def torchao_bytes(candidate: Candidate, shape: tuple[int, ...] | None = None) ->
         if shape and candidate.torchao_packing_format == "tile_packed_to_4d":
             out, inp = -(-out // 8) * 8, -(-inp // 1024) * 1024
         per, row = 0.5 + 4 / group, 0
-    elif kind in TORCHAO_UINTX_TYPES:
+    elif kind in TORCHAO_UINTX:
         bits = candidate.torchao_bit_width if candidate.torchao_bit_width in (4, 8) else 4
         per, row = bits / 8 + 8 / group, 0
     elif kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):
