@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, LLAMA_7B, build, error_text  # noqa: E402
-
-SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
+from gpu_tune import SHAPES, build, error_text  # noqa: E402
 
 
 def copy_bandwidth(torch) -> float:

@@ -27,6 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 LLAMA_1_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
+
+
+def llama_config(shape: dict | None = None):
+    """The LlamaConfig of the benchmarks' random models: ``shape`` (default: the 1.1 B one), a
+    32,000-token vocabulary, 4,096 positions."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 4096, **(shape or LLAMA_1_1B)})
 
 
 def build(path: Path, shape: dict | None = None) -> Path:
@@ -34,9 +43,9 @@ def build(path: Path, shape: dict | None = None) -> Path:
     if (path / "config.json").is_file():
         return path
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 4096, **(shape or LLAMA_1_1B)})
+    cfg = llama_config(shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -21,9 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, LLAMA_7B  # noqa: E402
-
-SHAPES = {"1.1b": LLAMA_1_1B, "7b": LLAMA_7B}
+from gpu_tune import SHAPES, llama_config  # noqa: E402
 
 
 def main() -> int:
@@ -33,7 +31,7 @@ def main() -> int:
     ap.add_argument("--for", dest="which", help="a substring of the label of the candidate whose capacity to estimate (default: the pick)")
     args = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from autotune.capacity import FILL, largest
     from autotune.config import Workload, parse_config
@@ -45,7 +43,7 @@ def main() -> int:
     w = report.get("workload") or {}
     wl = Workload(batch_size=w.get("batch_size", 1), prompt_len=w.get("prompt_len", 512), new_tokens=w.get("new_tokens", 128))
     folder = Path(tempfile.mkdtemp())
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[args.shape])
+    cfg = llama_config(SHAPES[args.shape])
     cfg.dtype = "bfloat16"
     cfg.save_pretrained(folder)
     with torch.device("meta"):

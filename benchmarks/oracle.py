@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_tune import LLAMA_1_1B, LLAMA_7B, cli, prepare  # noqa: E402
+from gpu_tune import LLAMA_1_1B, cli, prepare  # noqa: E402
+from gpu_tune import SHAPES as BUILT  # noqa: E402  (the shapes gpu_tune.build makes)
 
-SHAPES = {"1.1b": LLAMA_1_1B, "1.1b-8k": {**LLAMA_1_1B, "max_position_embeddings": 8192},  # 8k: a 4,096-token prompt + new tokens
-          "7b": LLAMA_7B}
+SHAPES = {**BUILT, "1.1b-8k": {**LLAMA_1_1B, "max_position_embeddings": 8192}}  # 8k: a 4,096-token prompt + new tokens
 
 
 def main() -> None:
