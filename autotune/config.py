@@ -284,12 +284,13 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             kw["quantization"] = "torchao"
             kw["torchao_type"] = torchao_type(q)
             data = q["quant_type"]["default"].get("_data")
-            kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True)) if isinstance(data, Mapping) else True
+            data = data if isinstance(data, Mapping) else {}  # no _data: the class defaults
+            kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True))
             if kw["torchao_type"] in TORCHAO_UINTX:
-                kw["torchao_bit_width"] = data.get("bit_width", 4) if isinstance(data, Mapping) else 4
-            if isinstance(data, Mapping) and isinstance(data.get("group_size"), int) and data["group_size"] > 0:
+                kw["torchao_bit_width"] = data.get("bit_width", 4)
+            if isinstance(data.get("group_size"), int) and data["group_size"] > 0:
                 kw["torchao_group_size"] = data["group_size"]
-            if isinstance(data, Mapping) and isinstance(data.get("int4_packing_format"), str):
+            if isinstance(data.get("int4_packing_format"), str):
                 kw["torchao_packing_format"] = data["int4_packing_format"]
         else:
             kw["quantization"] = f"other:{method}"
