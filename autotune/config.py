@@ -89,6 +89,7 @@ class Candidate:
     compile_options: tuple[str, ...] = ()  # generate.compile_config.options: the inductor options set (truthy), by name
     decode_loop: Any = None  # runtime.decode_loop: "sync-free" (autotune.decode through custom_generate) or None (transformers' own)
     prompt_lookup: Any = None  # generate.prompt_lookup_num_tokens: tokens proposed per step by prompt-lookup decoding (None: off)
+    fuse_projections: bool = False  # runtime.fuse_projections: q/k/v and gate/up as one matmul each (autotune.fuse)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -118,6 +119,8 @@ class Candidate:
             parts.append(f"{self.cache_implementation}-cache" + (f"+compile{mode}" if self.compile else ""))
         if self.decode_loop:
             parts.append(f"{self.decode_loop}-loop")
+        if self.fuse_projections:
+            parts.append("fused-projections")
         if self.prompt_lookup:
             parts.append(f"prompt-lookup-{self.prompt_lookup}")
         if self.torch_compile:
@@ -379,6 +382,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
             raise ConfigError(f"runtime.decode_loop: unknown loop {rt['decode_loop']!r}; use one of {', '.join(DECODE_LOOPS)} "
                               "(or null for transformers' own)")
         kw["decode_loop"] = rt["decode_loop"]
+    if rt.get("fuse_projections") is not None:
+        kw["fuse_projections"] = _bool(rt["fuse_projections"], "runtime.fuse_projections")
     if rt.get("launch") is not None:
         if not isinstance(rt["launch"], str):
             raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
@@ -568,7 +573,8 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     ``model.generate`` decode with :func:`autotune.decode.generate` (transformers'
     ``custom_generate`` hook; pass ``custom_generate=None`` to a call for transformers' own
     loop). A ``torchao`` ``quantization_config`` (``TorchAoConfig.to_dict``'s JSON form) is
-    rebuilt with ``TorchAoConfig.from_dict``. A config whose ``runtime.launch`` names a multi-process launch raises
+    rebuilt with ``TorchAoConfig.from_dict``. ``runtime.fuse_projections: true`` fuses sibling
+    projections (q/k/v, gate/up) into one matmul each after loading (:mod:`autotune.fuse`). A config whose ``runtime.launch`` names a multi-process launch raises
     :class:`UserError` with the command, unless this process is one of those it starts. A
     model that is neither a local folder nor reachable on the hub fails in seconds
     (:class:`UserError`), not after transformers' retries.
@@ -587,6 +593,7 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
         model_class = model_class_of(cfg)
     apply_runtime(cfg)
     m = model_class.from_pretrained(str(model), **from_pretrained_kwargs(cfg))
+    apply_model_transforms(m, cfg)
     if getattr(m, "generation_config", None) is not None:
         for key, value in generate_kwargs(cfg).items():
             setattr(m.generation_config, key, value)
@@ -598,6 +605,24 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     if loop is not None:
         use_decode_loop(m, loop)
     return m
+
+
+def apply_model_transforms(model: Any, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the config changes in a loaded model: ``runtime.fuse_projections`` (returns
+    :func:`autotune.fuse.fuse_projections`' report; None when the config asks for nothing). A
+    model in which nothing fuses is left as loaded, with one logged line saying why."""
+    if not (cfg.get("runtime") or {}).get("fuse_projections"):
+        return None
+    import logging
+
+    from .fuse import fuse_projections
+
+    report = fuse_projections(model)
+    if not report["fused"]:
+        why = sorted(set(report["skipped"].values()))
+        logging.getLogger("autotune").warning("runtime.fuse_projections: nothing fused in %s (%s)", type(model).__name__,
+                                              "; ".join(why) if why else "no sibling q/k/v or gate/up projections")
+    return report
 
 
 def decode_loop_of(cfg: Mapping[str, Any]) -> Any:

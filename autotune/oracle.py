@@ -10,6 +10,7 @@ from .config import Workload
 from .facts import Facts
 from .measure import Bench
 from .model import read_model
+from .fuse import groups_in
 from .space import TORCHAO_KINDS, Space, candidate_config, full_space, regime, same_candidate
 from .trial import STATUS_OK, Trial
 
@@ -19,10 +20,12 @@ ORACLE_REPS = 10
 
 def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[str, str] | None = None, *, quant: bool = False) -> list[Any]:
     """Every unquantized one-device candidate the rules let through, placed as the tune places
-    them; with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
+    them (each compiled one also with fused projections where the checkpoint has siblings to
+    fuse); with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
     either decode loop), the tune's weight-quantization candidates."""
     space = Space(read_model(model_path), facts, workload, fixed=fixed)
-    cfgs = list(full_space(space.device, space.half, workload, space.fixed))
+    fuse = groups_in([t.name for t in space.model.tensors]) != 0
+    cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=fuse))
     if quant:
         cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop) for q in TORCHAO_KINDS for loop in (None, "sync-free")]
     return [space.place("oracle", cfg) for cfg in cfgs]

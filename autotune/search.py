@@ -36,6 +36,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
+from .fuse import NothingToFuse, groups_in
 from .memory import BYTES
 from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
@@ -73,7 +74,8 @@ PROMPT_LOOKUP_TOKENS = (2, 10)
 
 class Search:
     def __init__(self, space: Space, bench: Bench, judge: Judge, *, quantization: str = "auto", finalist_rounds: int = 2,
-                 notes: list[str] | None = None, decode_loop: str = "auto", compile_modes: Sequence[str] = ("reduce-overhead",)) -> None:
+                 notes: list[str] | None = None, decode_loop: str = "auto", compile_modes: Sequence[str] = ("reduce-overhead",),
+                 fuse_projections: str = "auto") -> None:
         from .config import COMPILE_MODES
         from .errors import UserError
 
@@ -84,6 +86,9 @@ class Search:
         bad = [m for m in compile_modes if m not in COMPILE_MODES]
         if bad or not compile_modes:
             raise UserError(f"unknown compile mode {bad[0] if bad else ''!r}; use one or more of {', '.join(COMPILE_MODES)}")
+        if fuse_projections not in ("auto", "never"):
+            raise UserError("fuse projections must be auto or never")
+        self.fuse_projections = fuse_projections
         self.decode_loop = decode_loop
         self.compile_modes = tuple(compile_modes)
         self.space, self.bench, self.judge = space, bench, judge
@@ -131,21 +136,28 @@ class Search:
         """The decode loop compiled candidates use: autotune's sync-free one unless told otherwise."""
         return None if self.decode_loop == "transformers" else "sync-free"
 
-    def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None) -> Trial:
-        """``t`` with another decode loop, compile mode or torchao quantization, placed anew."""
+    def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None, fuse: Any = "same") -> Trial:
+        """``t`` with another decode loop, compile mode or torchao quantization (unfused: its
+        linears are no plain ones), placed anew."""
         fp = t.config["from_pretrained"]
         rt, gen = t.config["runtime"], t.config["generate"]
         return self.space.make(stage, fp["dtype"] if not quant else "bfloat16", fp.get("attn_implementation") or "sdpa",
                                backend=rt.get("sdpa_backend"), cache=gen.get("cache_implementation"), compile_=not gen.get("disable_compile"),
                                quant=quant, loop=rt.get("decode_loop") if loop == "same" else loop,
-                               compile_mode=(gen.get("compile_config") or {}).get("mode") if mode == "same" else mode)
+                               compile_mode=(gen.get("compile_config") or {}).get("mode") if mode == "same" else mode,
+                               fuse=(bool(rt.get("fuse_projections")) if fuse == "same" else fuse) and not quant)  # quantized linears do not fuse
 
     def compiled_search(self, baseline: Trial) -> bool:
         sp, bench = self.space, self.bench
         dtypes = [self.fixed["dtype"]] if "dtype" in self.fixed else list(DTYPES)
         options = attention_options(sp.device, sp.workload, self.fixed, self.notes)
         loop = self.loop()
-        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop) for d in dtypes for a, b in options]
+        # each also with its sibling projections fused (q/k/v, gate/up: one matmul each), where the
+        # checkpoint has such siblings (or its tensor names are unknown): the screen ranks them too
+        fusable = self.fuse_projections == "auto" and groups_in([x.name for x in sp.model.tensors]) != 0
+        fuse = (False, True) if fusable else (False,)
+        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f)
+                 for d in dtypes for a, b in options for f in fuse]
         bench.add([baseline])
         cands = bench.add(cands)
         live = [t for t in cands if t.status != "dropped"]
@@ -163,12 +175,16 @@ class Search:
         # timed runs: the likeliest finalists (compiling them is host work, and the screen reads
         # the GPU's own time per step, which host load does not move), transformers' default,
         # and the finalists' head-to-head processes — as many of these as fit in memory together
-        prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
+        # (fused projections before the same candidate unfused: at batch 1 on an H200 they decoded
+        # 19.8 % faster at the 1.1 B shape and 10.4 % at 7 B, docs/gpu/h200-s16-graphs-*-fused.json)
+        prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), not t.config["runtime"].get("fuse_projections"),
+                                            t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
         ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
         # the sync-free loop's twin with transformers' own loop (it has to win its place) is the
         # prior's first pick's, compiled ahead too: made after the screen it compiled alone, 30 s
-        # that every timed run waited for (the H200 tune, docs/PERFORMANCE.md)
-        added = bench.add([self.variant("compiled", ahead_of[0], loop=None)]) if loop and ahead_of else []  # [] if already there
+        # that every timed run waited for (the H200 tune, docs/PERFORMANCE.md); unfused, as
+        # transformers loads it: the twin is today's best without autotune's code
+        added = bench.add([self.variant("compiled", ahead_of[0], loop=None, fuse=False)]) if loop and ahead_of else []  # [] if already there
         twin = added[0] if added else None
         ahead_of = [*ahead_of, *added]
         plan = [*ahead_of, baseline, *[t for t in ahead_of if t is not twin and not own_graph(t)]] if ahead_of else []
@@ -182,7 +198,9 @@ class Search:
         screened = bench.screen(seen) if len(seen) > 1 else False
         if screened:
             for t in seen:
-                if t.screen.get("status") != STATUS_OK:
+                if str(t.screen.get("error", "")).startswith(NothingToFuse.__name__):  # the unfused candidate is the same one
+                    t.status, t.reason = "not measured", str(t.screen["error"]).split(": ", 1)[-1][:300]
+                elif t.screen.get("status") != STATUS_OK:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
             ranked = sorted((t for t in seen if t.screen.get("status") == STATUS_OK), key=lambda t: (t.screen["step_ms"], t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
             if not ranked:
@@ -219,7 +237,7 @@ class Search:
         elif loop and queue:
             # the leader with transformers' own loop as well: the sync-free loop has to win its place
             # (and a model it cannot run still has a compiled candidate)
-            queue += bench.add([self.variant("compiled", queue[0], loop=None)])  # nothing if already there
+            queue += bench.add([self.variant("compiled", queue[0], loop=None, fuse=False)])  # nothing if already there
         # every finalist compiles before anything is timed: beside the others where they fit
         # together, ahead of the screen where it was the prior's pick
         bench.cancel(ahead, keep=[t.label for t in queue])

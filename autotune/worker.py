@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import apply_runtime, compile_kwargs, decode_loop_of, from_pretrained_kwargs, generate_kwargs, model_class_of, reset_runtime
+from .config import apply_model_transforms, apply_runtime, compile_kwargs, decode_loop_of, from_pretrained_kwargs, generate_kwargs, model_class_of, reset_runtime
 
 
 def _sync(torch: Any) -> None:
@@ -327,6 +327,12 @@ def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, i
         kwargs["device_map"] = "cpu"
     model = model_class_of(cfg).from_pretrained(model_path, **kwargs)  # AutoModelForCausalLM unless runtime.model_class says
     model.eval()
+    fused = apply_model_transforms(model, cfg)
+    if fused is not None and not fused["fused"]:
+        from .fuse import NothingToFuse
+
+        why = "; ".join(sorted(set(fused["skipped"].values()))) or "no sibling q/k/v or gate/up projections"
+        raise NothingToFuse(f"nothing to fuse in {type(model).__name__} ({why})")
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     return model, next(model.parameters()).device, vocab
 

@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--options", action="append", default=[], metavar="JSON",
                     help="more loop rows (graph_steps=1; bf16 and each --quant), each compiled with these inductor options as "
                          "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (autotune.fuse.fuse_projections)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     T0 = time.perf_counter()
@@ -143,7 +145,7 @@ def main() -> None:
     def save():
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
-    def variant(name, quant, rows):
+    def variant(name, quant, rows, fuse=False):
         raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
         kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
         cfg = candidate_config(args.dtype, "sdpa", quant=kind or None)
@@ -162,6 +164,10 @@ def main() -> None:
             print(json.dumps(res["rows"][-1]), flush=True)
             save()
             return
+        if fuse:
+            from autotune.fuse import fuse_projections
+
+            res.setdefault("fused_groups", len(fuse_projections(model)["fused"]))
         load_s = time.perf_counter() - t
         ref = None
         for label, loop in rows:
@@ -196,7 +202,10 @@ def main() -> None:
 
     more = [(f"sync-free graph_steps=1 options={o}", {"graph_steps": 1, "compile_config": CompileConfig(options={**json.loads(o), "triton.cudagraphs": True})})
             for o in args.options]
-    variant(f"{args.dtype} sdpa", None, first + [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else []))
+    plain_rows = [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else [])
+    variant(f"{args.dtype} sdpa", None, first + plain_rows)
+    if args.fuse:
+        variant(f"{args.dtype} sdpa fused", None, plain_rows, fuse=True)
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
         variant(f"{args.dtype} sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)

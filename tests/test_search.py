@@ -42,6 +42,10 @@ def looped(cfg: dict[str, Any]) -> bool:
     return (cfg.get("runtime") or {}).get("decode_loop") == "sync-free"
 
 
+def fused(cfg: dict[str, Any]) -> bool:
+    return bool((cfg.get("runtime") or {}).get("fuse_projections"))
+
+
 # the sync-free loop's gain over transformers' own loop in this fake (the H100's is in docs/PERFORMANCE.md)
 LOOP_GAIN = 1.25
 
@@ -51,20 +55,28 @@ class RegimeRunner:
     (GPU time per decode step) follows the compiled regime, with some noise of its own."""
 
     def __init__(self, screen_noise: dict[tuple[str, str], float] | None = None, fail: set[tuple[str, str]] | None = None,
-                 loop_fails: bool = False):
+                 loop_fails: bool = False, fuse_gain: float = 1.0, nothing_to_fuse: bool = False):
         self.specs: list[dict[str, Any]] = []
+        self.fuse_gain = fuse_gain  # a fused candidate's speed over the same one unfused, compiled and screened alike
+        self.nothing_to_fuse = nothing_to_fuse  # the worker finds no siblings to fuse
         self.screen_noise = screen_noise or {}
         self.fail = fail or set()
         self.loop_fails = loop_fails
 
     def speed(self, cfg: dict[str, Any]) -> float:
-        return (COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)] * (LOOP_GAIN if looped(cfg) and compiled(cfg) else 1.0)
+        return ((COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)] * (LOOP_GAIN if looped(cfg) and compiled(cfg) else 1.0)
+                * (self.fuse_gain if fused(cfg) else 1.0))
+
+    def screened(self, s: dict[str, Any]) -> dict[str, Any]:
+        if fused(s["config"]) and self.nothing_to_fuse:
+            return {"label": s["label"], "status": "error", "error": "NothingToFuse: nothing to fuse in GPT2LMHeadModel (no sibling q/k/v or gate/up projections)"}
+        ms = 1000 / COMPILED[key(s["config"])] * self.screen_noise.get(key(s["config"]), 1.0) / (self.fuse_gain if fused(s["config"]) else 1.0)
+        return {"label": s["label"], "status": "ok", "step_ms": ms}
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         self.specs.append(spec)
         if spec.get("screen"):
-            rows = [{"label": s["label"], "status": "ok", "step_ms": 1000 / COMPILED[key(s["config"])] * self.screen_noise.get(key(s["config"]), 1.0)}
-                    for s in spec["screen"]]
+            rows = [self.screened(s) for s in spec["screen"]]
             return {"label": spec["label"], "status": "ok", "screen": rows}
         if spec.get("capacity"):
             return {"label": spec["label"], "status": "ok", "capacity_checks": [{**s, "fits": True} for s in spec["capacity"]]}
@@ -87,6 +99,9 @@ def llama(tmp_path_factory):
 
 
 def tuned(llama, runner, **kw):
+    # the screen's and the launches' mechanics, on the candidates as transformers loads them;
+    # fused projections have tests of their own (fuse_projections="auto", the tune's default)
+    kw.setdefault("fuse_projections", "never")
     return Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner, check_capacity=False, **kw).run()
 
 
@@ -201,8 +216,10 @@ def test_oracle_space_is_every_dtype_attention_and_cache(llama):
     h100 = load_target("h100-80gb")
     ts = oracle.candidates(str(llama), h100, WORKLOAD)
     live = [t for t in ts if t.status != "dropped"]
-    # 3 dtypes x (sdpa, eager) x (dynamic, static, static+compile, and compiled: sync-free loop, max-autotune, both)
-    assert len(live) == 3 * 2 * (3 + len(COMPILE_VARIANTS)), [t.label for t in live]
+    # 3 dtypes x (sdpa, eager) x (dynamic, static, static+compile, and compiled: sync-free loop, max-autotune, both;
+    # and each compiled one with fused projections: the checkpoint has q/k/v and gate/up siblings)
+    assert len(live) == 3 * 2 * (3 + len(COMPILE_VARIANTS) + 1 + len(COMPILE_VARIANTS)), [t.label for t in live]
+    assert sum(1 for t in live if "fused-projections" in t.label) == 3 * 2 * (1 + len(COMPILE_VARIANTS))
     assert {t.status for t in ts if "flash_attention" in t.label} == {"dropped"}, "no flash-attn in the profile's stack"
     long = oracle.candidates(str(llama), h100, Workload(batch_size=1, prompt_len=4096, new_tokens=128))
     assert any(t.config["runtime"].get("sdpa_backend") == "cudnn" for t in long if t.status != "dropped"), "SDPA backends at long prompts"
@@ -291,7 +308,7 @@ def test_oracle_screen_rows_use_the_tunes_screen(llama):
     oracle.screen_rows(str(llama), WORKLOAD, runner, rows)
     screened = [r for r in rows if "screen_step_ms" in r]
     assert len(runner.specs) == 1 and runner.specs[0]["screen_steps"] == 32
-    assert len(screened) == 6 * (1 + len(COMPILE_VARIANTS)) and all(compiled(r["config"]) for r in screened)
+    assert len(screened) == 2 * 6 * (1 + len(COMPILE_VARIANTS)) and all(compiled(r["config"]) for r in screened)
     assert min(screened, key=lambda r: r["screen_step_ms"])["label"] == "bfloat16 sdpa static-cache+compile"
 
 
@@ -672,3 +689,63 @@ def test_prompt_lookup_is_built_on_the_fastest_plain_and_quantized_loops_where_n
     assert any("prompt lookup not tried on" in n and "TORCHAO-INT8WO-LOOKUP" in n for n in r.notes), r.notes
     plain = [t for t in lookups if not t.config["from_pretrained"].get("quantization_config")]
     assert {t.config["from_pretrained"]["dtype"] for t in plain} == {"bfloat16"}
+
+
+# ---- fused projections (runtime.fuse_projections): an axis of the compiled candidates, ranked by the screen
+
+def test_fused_projections_are_screened_beside_each_candidate_and_picked_when_faster(llama):
+    runner = LaunchingRunner(fuse_gain=1.15)
+    r = tuned(llama, runner, fuse_projections="auto")
+    screen = next(s for s in runner.specs if s.get("screen"))["screen"]
+    assert len(screen) == 2 * 6 and sum(fused(s["config"]) for s in screen) == 6, "each dtype x attention, fused and not"
+    assert fused(r.pick.config) and looped(r.pick.config) and key(r.pick.config) == ("bfloat16", "sdpa"), r.pick.label
+    assert r.pick.config["runtime"]["fuse_projections"] is True and "fused-projections" in r.pick.label
+    # the roofline prior compiles the fused ones ahead of the screen (they decoded 10-20 % faster on an H200);
+    # the twin with transformers' own loop stays as transformers loads the model: today's best without autotune's code
+    screen_at = next(i for i, e in enumerate(runner.events) if e[0] == "run")
+    ahead = [lb for what, lb in runner.events[:screen_at] if what == "launch"]
+    assert ahead[:2] == [BF16 + " sync-free-loop fused-projections", FP16 + " sync-free-loop fused-projections"], ahead
+    twin = next(t for t in r.trials if t.label == BF16)
+    assert twin.status == "ok" and not fused(twin.config)
+    unfused = next(t for t in r.trials if t.label == BF16 + " sync-free-loop")
+    assert unfused.status == "not measured" and "screened out" in unfused.reason
+
+
+def test_unfused_candidates_win_where_the_screen_says_fusing_is_slower(llama):
+    r = tuned(llama, RegimeRunner(fuse_gain=0.8), fuse_projections="auto")
+    assert not fused(r.pick.config) and "fuse_projections" not in r.pick.config["runtime"], r.pick.label
+    assert all(t.status == "not measured" for t in r.trials if fused(t.config) and t.screen)
+
+
+def test_a_model_with_nothing_to_fuse_leaves_its_fused_candidates_unmeasured_not_failed(llama):
+    r = tuned(llama, RegimeRunner(nothing_to_fuse=True), fuse_projections="auto")
+    fz = [t for t in r.trials if fused(t.config) and t.screen]
+    assert fz and all(t.status == "not measured" and t.reason.startswith("nothing to fuse") for t in fz), [(t.status, t.reason) for t in fz]
+    assert not fused(r.pick.config) and compiled(r.pick.config)
+
+
+def test_no_fused_candidates_for_a_checkpoint_without_siblings_or_when_told_never(tmp_path, llama):
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128)).save_pretrained(tmp_path)
+    # GPT-2's c_attn is one matmul already: nothing in its checkpoint's tensor names to fuse
+    r = Tuner(tmp_path, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=RegimeRunner(), check_capacity=False).run()
+    assert r.pick is not None and compiled(r.pick.config) and not any(fused(t.config) for t in r.trials), [t.label for t in r.trials]
+    r = tuned(llama, RegimeRunner(fuse_gain=1.15), fuse_projections="never")
+    assert not any(fused(t.config) for t in r.trials) and key(r.pick.config) == ("bfloat16", "sdpa")
+    with pytest.raises(Exception, match="fuse projections must be auto or never"):
+        tuned(llama, RegimeRunner(), fuse_projections="always")
+
+
+def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
+    from autotune.profiles import apply_overrides
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantRunner(tmp_path, fuse_gain=1.15), check_capacity=False,
+              quantization="always").run()
+    lead = next(t for t in r.trials if t.label == BF16 + " sync-free-loop fused-projections")
+    assert lead.status == "ok"
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    assert quant and not any(fused(t.config) for t in quant), "a quantized linear is no plain one: nothing of it fuses"

@@ -1,0 +1,134 @@
+"""Fused projections (autotune.fuse, runtime.fuse_projections): the same outputs as the model
+as loaded, one matmul per group in the compiled graph, and nothing fused where it would not be
+the same computation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from autotune.config import ConfigError, load, parse_config
+from autotune.fuse import GROUPS, fuse_projections, groups_in
+
+from .conftest import save_tiny_llama
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama32"), dtype="float32")
+
+
+def _cfg(fuse=True, **rt):
+    return {"from_pretrained": {"dtype": "float32", "device_map": "cpu"}, "generate": {}, "runtime": {"fuse_projections": fuse, **rt}}
+
+
+def test_llama_fuses_qkv_and_gate_up_and_gives_the_same_logits_and_tokens(llama32):
+    plain = load(llama32, _cfg(False))
+    fused = load(llama32, _cfg(True))
+    layer = fused.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "FusedPart" and type(layer.mlp.up_proj).__name__ == "FusedPart"
+    assert layer.self_attn.fused_q_proj_k_proj_v_proj.weight.shape == (64 + 2 * 32, 64)  # 4 heads x 16, and 2 KV heads x 16 twice
+    assert layer.mlp.fused_gate_proj_up_proj.weight.shape == (2 * 128, 64)
+    assert layer.self_attn.k_proj.weight.shape == plain.model.layers[0].self_attn.k_proj.weight.shape
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters()), "no weight held twice"
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = plain(ids).logits, fused(ids).logits
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+        assert torch.equal(fused.generate(ids, **kw), plain.generate(ids, **kw))
+    assert layer.self_attn.fused_q_proj_k_proj_v_proj._y is None, "no activation kept past the layer"
+
+
+def test_the_sync_free_loop_on_a_fused_model_gives_generates_tokens(llama32):
+    from autotune import decode
+
+    m = load(llama32, _cfg(True))
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0,
+              cache_implementation="static")
+    with torch.inference_mode():
+        assert torch.equal(m.generate(ids, custom_generate=decode.generate, **kw), m.generate(ids, **kw))
+
+
+def test_compiled_the_fused_model_has_one_matmul_per_group_and_one_graph(llama32):
+    m = load(llama32, _cfg(True))
+    graphs: list[int] = []
+
+    def backend(gm, example):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(m.forward, backend=backend, fullgraph=True)
+    with torch.inference_mode():
+        f(torch.randint(3, 256, (1, 8)))
+    # 2 layers x (q/k/v, o, gate/up, down) + lm_head; unfused it would be 2 x 7 + 1
+    assert graphs == [2 * 4 + 1]
+
+
+def test_a_sibling_given_another_input_computes_its_own_rows():
+    # cross-attention feeds keys and values another tensor than queries: no slice of the query's product
+    lin = [torch.nn.Linear(8, n, bias=True) for n in (8, 4, 4)]
+    parent = torch.nn.Module()
+    for name, m in zip(("q_proj", "k_proj", "v_proj"), lin):
+        setattr(parent, name, m)
+    want_q, want_k = [m.weight.detach().clone() for m in lin[:2]]
+    report = fuse_projections(parent)
+    assert report["fused"] == ["q_proj/k_proj/v_proj"]
+    x, enc = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        q, k, v = parent.q_proj(x), parent.k_proj(enc), parent.v_proj(enc)
+        torch.testing.assert_close(q, torch.nn.functional.linear(x, want_q, lin[0].bias))
+        torch.testing.assert_close(k, torch.nn.functional.linear(enc, want_k, lin[1].bias))
+        torch.testing.assert_close(v, lin[2](enc))
+
+
+def test_what_is_not_plain_nn_linear_is_left_as_loaded(llama32, caplog):
+    pytest.importorskip("torchao")
+    cfg = {"from_pretrained": {"dtype": "float32", "device_map": "cpu", "quantization_config": {
+        "quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {}}}}},
+        "generate": {}, "runtime": {"fuse_projections": True}}
+    with caplog.at_level(logging.WARNING, logger="autotune"):
+        m = load(llama32, cfg)
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert any("nothing fused" in r.getMessage() and "quantized" in r.getMessage() for r in caplog.records)
+    # mixed sizes of input, or a bias on one sibling only: not one matmul
+    parent = torch.nn.Module()
+    parent.gate_proj, parent.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=True)
+    assert fuse_projections(parent) == {"fused": [], "skipped": {"gate_proj/up_proj": "some with a bias, some without"}}
+
+
+def test_the_worker_fails_a_fused_candidate_with_nothing_to_fuse(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from autotune.fuse import NothingToFuse
+    from autotune.worker import _load
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(NothingToFuse, match="nothing to fuse in GPT2LMHeadModel"):
+        _load(torch, str(tmp_path), _cfg(True))
+    assert _load(torch, str(tmp_path), _cfg(False))[0] is not None
+
+
+def test_groups_in_reads_a_checkpoints_tensor_names():
+    names = [f"model.layers.{i}.{part}.weight" for i in range(2) for part in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert groups_in(names) == 4
+    assert groups_in([n for n in names if "v_proj" not in n]) == 2, "q/k without v is no group"
+    assert groups_in(["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"]) == 0
+    assert groups_in([]) is None
+    assert ("q_proj", "k_proj", "v_proj") in GROUPS
+
+
+def test_the_config_key_is_a_boolean_and_named_in_the_label():
+    c = parse_config({"from_pretrained": {"dtype": "bfloat16"}, "generate": {"cache_implementation": "static"},
+                      "runtime": {"decode_loop": "sync-free", "fuse_projections": True}})
+    assert c.fuse_projections is True and c.label().endswith("sync-free-loop fused-projections")
+    assert parse_config({"from_pretrained": {}, "generate": {}, "runtime": {"fuse_projections": False}}).fuse_projections is False
+    with pytest.raises(ConfigError, match="runtime.fuse_projections"):
+        parse_config({"from_pretrained": {}, "generate": {}, "runtime": {"fuse_projections": "yes please"}})
