@@ -124,6 +124,10 @@ def main() -> None:
                          "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
     ap.add_argument("--fuse", action="store_true",
                     help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (autotune.fuse.fuse_projections)")
+    ap.add_argument("--skip-unfused", action="store_true", help="with --fuse: no rows of the model as loaded")
+    ap.add_argument("--backend", action="append", default=[], metavar="NAME",
+                    help="run the bf16 rows again with SDPA forced to this backend (runtime.sdpa_backend: cudnn, efficient, math, "
+                         "flash), on the fused model where --fuse is given")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     T0 = time.perf_counter()
@@ -132,7 +136,7 @@ def main() -> None:
     path = build(Path(f"/tmp/llama-{args.shape}"), SHAPES[args.shape])
     import torch
 
-    from autotune.config import load
+    from autotune.config import load, reset_runtime
     from autotune.space import candidate_config
 
     res = {"shape": args.shape, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "copy_tb_s": round(copy_bandwidth(torch), 3),
@@ -145,10 +149,10 @@ def main() -> None:
     def save():
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
-    def variant(name, quant, rows, fuse=False):
+    def variant(name, quant, rows, fuse=False, backend=None):
         raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
         kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
-        cfg = candidate_config(args.dtype, "sdpa", quant=kind or None)
+        cfg = candidate_config(args.dtype, "sdpa", quant=kind or None, backend=backend)
         if raw:
             cfg["from_pretrained"]["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": json.loads(quant)}}
         if fields:  # e.g. another int4 group size than the candidate's
@@ -157,6 +161,7 @@ def main() -> None:
         cfg["from_pretrained"]["device_map"] = {"": 0}
         cfg["generate"] = {"cache_implementation": "static"}
         t = time.perf_counter()
+        reset_runtime()  # every SDPA backend enabled again; load applies this variant's
         try:
             model = load(path, cfg)
         except Exception as e:  # e.g. a torchao prototype whose kernel package does not match: the other rows still run
@@ -203,9 +208,12 @@ def main() -> None:
     more = [(f"sync-free graph_steps=1 options={o}", {"graph_steps": 1, "compile_config": CompileConfig(options={**json.loads(o), "triton.cudagraphs": True})})
             for o in args.options]
     plain_rows = [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in steps] + (more if args.options_for == "all" else [])
-    variant(f"{args.dtype} sdpa", None, first + plain_rows)
+    if not (args.fuse and args.skip_unfused):
+        variant(f"{args.dtype} sdpa", None, first + plain_rows)
     if args.fuse:
         variant(f"{args.dtype} sdpa fused", None, plain_rows, fuse=True)
+    for b in args.backend:
+        variant(f"{args.dtype} sdpa:{b}" + (" fused" if args.fuse else ""), None, plain_rows, fuse=args.fuse, backend=b)
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
         variant(f"{args.dtype} sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
