@@ -749,3 +749,12 @@ def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
     assert lead.status == "ok"
     quant = [t for t in r.trials if t.stage == "weight quantization"]
     assert quant and not any(fused(t.config) for t in quant), "a quantized linear is no plain one: nothing of it fuses"
+
+
+def test_a_close_candidate_left_out_by_the_compiled_places_says_so(llama):
+    # bf16 eager screens 7 % behind bf16 sdpa, within the margin, but bf16 and fp16 sdpa take the two places
+    r = tuned(llama, RegimeRunner())
+    eager = next(t for t in r.trials if t.label == "bfloat16 eager static-cache+compile sync-free-loop")
+    assert eager.status == "not measured" and f"only the {MAX_COMPILED} fastest are compiled" in eager.reason, eager.reason
+    fp32 = next(t for t in r.trials if t.label == "float32 sdpa static-cache+compile sync-free-loop")
+    assert f"compiled only within +{SCREEN_MARGIN:.0%}" in fp32.reason, fp32.reason
