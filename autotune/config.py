@@ -90,6 +90,7 @@ class Candidate:
     decode_loop: Any = None  # runtime.decode_loop: "sync-free" (autotune.decode through custom_generate) or None (transformers' own)
     prompt_lookup: Any = None  # generate.prompt_lookup_num_tokens: tokens proposed per step by prompt-lookup decoding (None: off)
     fuse_projections: bool = False  # runtime.fuse_projections: q/k/v and gate/up as one matmul each (autotune.fuse)
+    sdpa_gqa: bool = False  # runtime.sdpa_gqa: SDPA's enable_gqa instead of transformers' repeat_kv copies (autotune.gqa)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -105,6 +106,8 @@ class Candidate:
         parts = [self.dtype or "default-dtype", self.attn_implementation or "default-attn"]
         if self.sdpa_backend:
             parts.append(f"sdpa:{self.sdpa_backend}")
+        if self.sdpa_gqa:
+            parts.append("sdpa-gqa")
         if self.quantization != "none":
             q = self.quantization
             if q == "bnb-4bit":
@@ -384,6 +387,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         kw["decode_loop"] = rt["decode_loop"]
     if rt.get("fuse_projections") is not None:
         kw["fuse_projections"] = _bool(rt["fuse_projections"], "runtime.fuse_projections")
+    if rt.get("sdpa_gqa") is not None:
+        kw["sdpa_gqa"] = _bool(rt["sdpa_gqa"], "runtime.sdpa_gqa")
     if rt.get("launch") is not None:
         if not isinstance(rt["launch"], str):
             raise ConfigError(f"runtime.launch: expected a command line (a string), found {rt['launch']!r}")
@@ -574,7 +579,8 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     ``custom_generate`` hook; pass ``custom_generate=None`` to a call for transformers' own
     loop). A ``torchao`` ``quantization_config`` (``TorchAoConfig.to_dict``'s JSON form) is
     rebuilt with ``TorchAoConfig.from_dict``. ``runtime.fuse_projections: true`` fuses sibling
-    projections (q/k/v, gate/up) into one matmul each after loading (:mod:`autotune.fuse`). A config whose ``runtime.launch`` names a multi-process launch raises
+    projections (q/k/v, gate/up) into one matmul each after loading (:mod:`autotune.fuse`);
+    ``runtime.sdpa_gqa: true`` gives SDPA grouped-query attention itself (:mod:`autotune.gqa`). A config whose ``runtime.launch`` names a multi-process launch raises
     :class:`UserError` with the command, unless this process is one of those it starts. A
     model that is neither a local folder nor reachable on the hub fails in seconds
     (:class:`UserError`), not after transformers' retries.
@@ -607,14 +613,26 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     return m
 
 
-def apply_model_transforms(model: Any, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What the config changes in a loaded model: ``runtime.fuse_projections`` (returns
-    :func:`autotune.fuse.fuse_projections`' report; None when the config asks for nothing). A
-    model in which nothing fuses is left as loaded, with one logged line saying why."""
-    if not (cfg.get("runtime") or {}).get("fuse_projections"):
-        return None
+def apply_model_transforms(model: Any, cfg: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any] | None:
+    """What the config changes in a loaded model: ``runtime.sdpa_gqa`` (:func:`autotune.gqa.use`)
+    and ``runtime.fuse_projections`` (returns :func:`autotune.fuse.fuse_projections`' report; None
+    when the config asks for no fusing). What does not apply (no grouped heads, nothing to fuse)
+    leaves the model as loaded with one logged line saying why, or with ``strict`` (the tuner's
+    worker: the candidate would be another one under its name) raises."""
     import logging
 
+    rt = cfg.get("runtime") or {}
+    if rt.get("sdpa_gqa"):
+        from .gqa import NotGrouped, use
+
+        try:
+            use(model)
+        except NotGrouped as e:
+            if strict:
+                raise
+            logging.getLogger("autotune").warning("runtime.sdpa_gqa: %s; the model keeps transformers' attention", e)
+    if not rt.get("fuse_projections"):
+        return None
     from .fuse import fuse_projections
 
     report = fuse_projections(model)

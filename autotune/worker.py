@@ -327,7 +327,7 @@ def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, i
         kwargs["device_map"] = "cpu"
     model = model_class_of(cfg).from_pretrained(model_path, **kwargs)  # AutoModelForCausalLM unless runtime.model_class says
     model.eval()
-    fused = apply_model_transforms(model, cfg)
+    fused = apply_model_transforms(model, cfg, strict=True)
     if fused is not None and not fused["fused"]:
         from .fuse import NothingToFuse
 

@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--backend", action="append", default=[], metavar="NAME",
                     help="run the bf16 rows again with SDPA forced to this backend (runtime.sdpa_backend: cudnn, efficient, math, "
                          "flash), on the fused model where --fuse is given")
+    ap.add_argument("--sdpa-gqa", action="store_true",
+                    help="run the bf16 rows again with runtime.sdpa_gqa (SDPA's enable_gqa instead of repeat_kv, autotune.gqa), "
+                         "on the fused model where --fuse is given")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     T0 = time.perf_counter()
@@ -149,7 +152,7 @@ def main() -> None:
     def save():
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
-    def variant(name, quant, rows, fuse=False, backend=None):
+    def variant(name, quant, rows, fuse=False, backend=None, gqa=False):
         raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
         kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
         cfg = candidate_config(args.dtype, "sdpa", quant=kind or None, backend=backend)
@@ -159,9 +162,19 @@ def main() -> None:
             data = cfg["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_data"]
             data.update(json.loads(fields))
         cfg["from_pretrained"]["device_map"] = {"": 0}
+        if gqa:
+            cfg["runtime"]["sdpa_gqa"] = True
         cfg["generate"] = {"cache_implementation": "static"}
         t = time.perf_counter()
         reset_runtime()  # every SDPA backend enabled again; load applies this variant's
+        # and nothing compiled for an earlier variant is replayed: dynamo does not guard on the SDPA
+        # backend flags (session 16's "math" row replayed the cuDNN row's graph, warm-up 0.5 s), and
+        # the loop keys its compiled steps and graphs by id(model), which a new model can reuse
+        from autotune import decode
+
+        torch._dynamo.reset()
+        decode.release()
+        decode._compiled.clear()
         try:
             model = load(path, cfg)
         except Exception as e:  # e.g. a torchao prototype whose kernel package does not match: the other rows still run
@@ -212,6 +225,8 @@ def main() -> None:
         variant(f"{args.dtype} sdpa", None, first + plain_rows)
     if args.fuse:
         variant(f"{args.dtype} sdpa fused", None, plain_rows, fuse=True)
+    if args.sdpa_gqa:
+        variant(f"{args.dtype} sdpa sdpa-gqa" + (" fused" if args.fuse else ""), None, plain_rows, fuse=args.fuse, gqa=True)
     for b in args.backend:
         variant(f"{args.dtype} sdpa:{b}" + (" fused" if args.fuse else ""), None, plain_rows, fuse=args.fuse, backend=b)
     for q in args.quant:
