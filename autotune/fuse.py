@@ -87,6 +87,11 @@ def _classes() -> tuple[type, type]:
         def weight(self) -> Any:  # code that reads a projection's weight (its dtype, its device) still can
             return self.fused.weight[self.start:self.stop]
 
+        @property
+        def bias(self) -> Any:
+            b = self.fused.bias
+            return None if b is None else b[self.start:self.stop]
+
         def forward(self, x: Any) -> Any:
             f = self.fused
             if f._x is not x:  # a new input: the whole product, for the siblings that get the same one

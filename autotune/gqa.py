@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-NAME = "autotune_sdpa_gqa"
-# enable_gqa arrived in torch 2.5 (torch/nn/functional.py scaled_dot_product_attention)
-MIN_TORCH = "2.5"
+NAME = "autotune_sdpa_gqa"  # enable_gqa arrived in torch 2.5 (rule SDPA-GQA-TORCH)
 
 
 class NotGrouped(RuntimeError):

@@ -132,3 +132,16 @@ def test_the_config_key_is_a_boolean_and_named_in_the_label():
     assert parse_config({"from_pretrained": {}, "generate": {}, "runtime": {"fuse_projections": False}}).fuse_projections is False
     with pytest.raises(ConfigError, match="runtime.fuse_projections"):
         parse_config({"from_pretrained": {}, "generate": {}, "runtime": {"fuse_projections": "yes please"}})
+
+
+def test_a_part_still_shows_its_rows_of_weight_and_bias():
+    lin = [torch.nn.Linear(8, n, bias=True) for n in (8, 4, 4)]
+    parent = torch.nn.Module()
+    for name, m in zip(("q_proj", "k_proj", "v_proj"), lin):
+        setattr(parent, name, m)
+    want = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in lin]
+    fuse_projections(parent)
+    for name, (w, b) in zip(("q_proj", "k_proj", "v_proj"), want):
+        part = getattr(parent, name)
+        assert torch.equal(part.weight, w) and torch.equal(part.bias, b)
+    assert [n for n, _ in parent.named_parameters()] == ["fused_q_proj_k_proj_v_proj.weight", "fused_q_proj_k_proj_v_proj.bias"]
