@@ -145,3 +145,30 @@ def test_a_part_still_shows_its_rows_of_weight_and_bias():
         part = getattr(parent, name)
         assert torch.equal(part.weight, w) and torch.equal(part.bias, b)
     assert [n for n, _ in parent.named_parameters()] == ["fused_q_proj_k_proj_v_proj.weight", "fused_q_proj_k_proj_v_proj.bias"]
+
+
+@pytest.mark.parametrize("arch, groups", [
+    ("Qwen2", 4),      # q/k/v with biases
+    ("Qwen3", 4),      # q_norm / k_norm after the projections
+    ("Gemma2", 4),     # softcapping, its own MLP activation
+    ("OPT", 2),        # q/k/v with biases, no gate/up
+    ("Qwen2Moe", 4),   # attention and the shared expert's gate/up
+    ("Phi3", 0),       # ships qkv_proj and gate_up_proj fused already
+])
+def test_other_architectures_give_the_same_logits(arch, groups):
+    import transformers
+
+    kw = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    extra = {"Qwen2": dict(intermediate_size=128, num_key_value_heads=2), "Qwen3": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16),
+             "Gemma2": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16), "OPT": dict(ffn_dim=128, word_embed_proj_dim=64),
+             "Qwen2Moe": dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_key_value_heads=2, num_experts=4),
+             "Phi3": dict(intermediate_size=128, num_key_value_heads=2, pad_token_id=0)}[arch]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, f"{arch}Config")(**kw, **extra)).eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.inference_mode():
+        want = model(ids, attention_mask=mask).logits
+        assert len(fuse_projections(model)["fused"]) == groups
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
