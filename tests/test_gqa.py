@@ -82,14 +82,15 @@ def test_the_config_key_is_a_boolean_and_named_in_the_label():
         parse_config({"from_pretrained": {}, "runtime": {"sdpa_gqa": 1.5}})
 
 
-@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Mistral", "Gemma2", "Starcoder2"])
+# (not Gemma2: transformers 5.25 refuses SDPA for it, whose softcapping SDPA cannot apply)
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3", "Mistral", "Granite", "Starcoder2"])
 def test_other_grouped_architectures_give_the_same_logits(arch):
     import transformers
 
     from autotune.gqa import use
 
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    extra = {"Qwen3": dict(head_dim=16), "Gemma2": dict(head_dim=16)}.get(arch, {})
+    extra = {"Qwen3": dict(head_dim=16)}.get(arch, {})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, f"{arch}Config")(**kw, **extra), attn_implementation="sdpa").eval()
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
