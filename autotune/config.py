@@ -613,12 +613,12 @@ def load(model: str | Path, cfg: Mapping[str, Any] | str | Path, *, model_class:
     return m
 
 
-def apply_model_transforms(model: Any, cfg: Mapping[str, Any], *, strict: bool = False) -> dict[str, Any] | None:
+def apply_model_transforms(model: Any, cfg: Mapping[str, Any], *, strict: bool = False) -> None:
     """What the config changes in a loaded model: ``runtime.sdpa_gqa`` (:func:`autotune.gqa.use`)
-    and ``runtime.fuse_projections`` (returns :func:`autotune.fuse.fuse_projections`' report; None
-    when the config asks for no fusing). What does not apply (no grouped heads, nothing to fuse)
-    leaves the model as loaded with one logged line saying why, or with ``strict`` (the tuner's
-    worker: the candidate would be another one under its name) raises."""
+    and ``runtime.fuse_projections`` (:func:`autotune.fuse.fuse_projections`). What does not apply
+    (no grouped heads, nothing to fuse) leaves the model as loaded with one logged line saying why,
+    or with ``strict`` (the tuner's worker: the candidate would be another one under its name)
+    raises :class:`autotune.gqa.NotGrouped` / :class:`autotune.fuse.NothingToFuse`."""
     import logging
 
     rt = cfg.get("runtime") or {}
@@ -632,15 +632,15 @@ def apply_model_transforms(model: Any, cfg: Mapping[str, Any], *, strict: bool =
                 raise
             logging.getLogger("autotune").warning("runtime.sdpa_gqa: %s; the model keeps transformers' attention", e)
     if not rt.get("fuse_projections"):
-        return None
-    from .fuse import fuse_projections
+        return
+    from .fuse import NothingToFuse, fuse_projections
 
     report = fuse_projections(model)
     if not report["fused"]:
-        why = sorted(set(report["skipped"].values()))
-        logging.getLogger("autotune").warning("runtime.fuse_projections: nothing fused in %s (%s)", type(model).__name__,
-                                              "; ".join(why) if why else "no sibling q/k/v or gate/up projections")
-    return report
+        why = "; ".join(sorted(set(report["skipped"].values()))) or "no sibling q/k/v or gate/up projections"
+        if strict:
+            raise NothingToFuse(f"nothing to fuse in {type(model).__name__} ({why})")
+        logging.getLogger("autotune").warning("runtime.fuse_projections: nothing fused in %s (%s)", type(model).__name__, why)
 
 
 def decode_loop_of(cfg: Mapping[str, Any]) -> Any:

@@ -327,12 +327,7 @@ def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, i
         kwargs["device_map"] = "cpu"
     model = model_class_of(cfg).from_pretrained(model_path, **kwargs)  # AutoModelForCausalLM unless runtime.model_class says
     model.eval()
-    fused = apply_model_transforms(model, cfg, strict=True)
-    if fused is not None and not fused["fused"]:
-        from .fuse import NothingToFuse
-
-        why = "; ".join(sorted(set(fused["skipped"].values()))) or "no sibling q/k/v or gate/up projections"
-        raise NothingToFuse(f"nothing to fuse in {type(model).__name__} ({why})")
+    apply_model_transforms(model, cfg, strict=True)  # a fused or GQA candidate with nothing to change fails here
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     return model, next(model.parameters()).device, vocab
 
