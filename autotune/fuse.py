@@ -26,12 +26,19 @@ loaded. The rewritten model is for inference: its state dict names the fused wei
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 # Sibling projections that transformers' modules apply to one hidden state, by attribute
 # name: Llama/Mistral/Qwen2/Qwen3/Gemma attention and MLP (modeling_llama.py LlamaAttention,
 # LlamaMLP), BERT-style self-attention (modeling_bert.py BertSelfAttention: query, key, value).
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def may_fuse(model: Any) -> bool:
+    """Whether a :class:`~autotune.model.ModelSpec`'s checkpoint may hold siblings to fuse: False
+    only where its tensor names show none (no names read: maybe)."""
+    return groups_in([t.name for t in model.tensors]) != 0
 
 
 def groups_in(names: list[str] | tuple[str, ...]) -> int | None:
@@ -50,7 +57,9 @@ class NothingToFuse(RuntimeError):
     not measured: it would be the unfused one under another name)."""
 
 
-def _classes() -> tuple[type, type]:
+@functools.cache
+def classes() -> tuple[type, type]:
+    """(FusedLinear, FusedPart), built on first use (importing this module imports no torch)."""
     import torch
 
     nn, F = torch.nn, torch.nn.functional
@@ -106,17 +115,6 @@ def _classes() -> tuple[type, type]:
             return f"rows={self.start}:{self.stop} of {self.fused.out_features}"
 
     return FusedLinear, FusedPart
-
-
-_CLASSES: tuple[type, type] | None = None
-
-
-def classes() -> tuple[type, type]:
-    """(FusedLinear, FusedPart), built on first use."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _classes()
-    return _CLASSES
 
 
 def _plain(m: Any) -> bool:

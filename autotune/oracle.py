@@ -10,7 +10,7 @@ from .config import Workload
 from .facts import Facts
 from .measure import Bench
 from .model import read_model
-from .fuse import groups_in
+from .fuse import may_fuse
 from .space import TORCHAO_KINDS, Space, candidate_config, full_space, regime, same_candidate
 from .trial import STATUS_OK, Trial
 
@@ -24,8 +24,7 @@ def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[st
     fuse); with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
     either decode loop), the tune's weight-quantization candidates."""
     space = Space(read_model(model_path), facts, workload, fixed=fixed)
-    fuse = groups_in([t.name for t in space.model.tensors]) != 0
-    cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=fuse))
+    cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=may_fuse(space.model)))
     if quant:
         cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop) for q in TORCHAO_KINDS for loop in (None, "sync-free")]
     return [space.place("oracle", cfg) for cfg in cfgs]

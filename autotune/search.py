@@ -37,7 +37,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
-from .fuse import NothingToFuse, groups_in
+from .fuse import NothingToFuse, may_fuse
 from .memory import BYTES
 from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, regime
 from .trial import STATUS_OK, Trial
@@ -155,8 +155,7 @@ class Search:
         loop = self.loop()
         # each also with its sibling projections fused (q/k/v, gate/up: one matmul each), where the
         # checkpoint has such siblings (or its tensor names are unknown): the screen ranks them too
-        fusable = self.fuse_projections == "auto" and groups_in([x.name for x in sp.model.tensors]) != 0
-        fuse = (False, True) if fusable else (False,)
+        fuse = (False, True) if self.fuse_projections == "auto" and may_fuse(sp.model) else (False,)
         cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f)
                  for d in dtypes for a, b in options for f in fuse]
         bench.add([baseline])
