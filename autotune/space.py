@@ -205,12 +205,10 @@ def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str]
     for dtype in dtypes:
         for attn, backend in attention_options(device, workload, fixed):
             for cache, comp in caches:
-                yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp)
-                if cache and comp and device == "cuda":  # what compiling adds: the decode loop, the compile modes, fused projections
-                    for mode, loop in COMPILE_VARIANTS:
-                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode)
-                    for mode, loop in ((None, None), *COMPILE_VARIANTS) if fuse else ():
-                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=True)
+                compiled = bool(cache and comp and device == "cuda")  # what compiling adds: the decode loop, the compile modes, fused projections
+                for f in (False, True) if fuse and compiled else (False,):
+                    for mode, loop in ((None, None), *(COMPILE_VARIANTS if compiled else ())):
+                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=f)
 
 
 # A compiled static cache's variants beyond transformers' default (CompileConfig mode reduce-overhead,
