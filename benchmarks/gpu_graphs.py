@@ -123,7 +123,7 @@ def main() -> None:
                     help="more loop rows (graph_steps=1; bf16 and each --quant), each compiled with these inductor options as "
                          "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
     ap.add_argument("--fuse", action="store_true",
-                    help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (autotune.fuse.fuse_projections)")
+                    help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (runtime.fuse_projections)")
     ap.add_argument("--skip-unfused", action="store_true", help="with --fuse: no rows of the model as loaded")
     ap.add_argument("--backend", action="append", default=[], metavar="NAME",
                     help="run the bf16 rows again with SDPA forced to this backend (runtime.sdpa_backend: cudnn, efficient, math, "
@@ -164,17 +164,18 @@ def main() -> None:
         cfg["from_pretrained"]["device_map"] = {"": 0}
         if gqa:
             cfg["runtime"]["sdpa_gqa"] = True
+        if fuse:
+            cfg["runtime"]["fuse_projections"] = True
         cfg["generate"] = {"cache_implementation": "static"}
         t = time.perf_counter()
         reset_runtime()  # every SDPA backend enabled again; load applies this variant's
         # and nothing compiled for an earlier variant is replayed: dynamo does not guard on the SDPA
         # backend flags (session 16's "math" row replayed the cuDNN row's graph, warm-up 0.5 s), and
-        # the loop keys its compiled steps and graphs by id(model), which a new model can reuse
+        # the loop keys its captured graphs by id(model), which a new model can reuse
         from autotune import decode
 
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # the loop's compiled step recompiles on its next call
         decode.release()
-        decode._compiled.clear()
         try:
             model = load(path, cfg)
         except Exception as e:  # e.g. a torchao prototype whose kernel package does not match: the other rows still run
@@ -183,9 +184,9 @@ def main() -> None:
             save()
             return
         if fuse:
-            from autotune.fuse import fuse_projections
+            from autotune.fuse import classes
 
-            res.setdefault("fused_groups", len(fuse_projections(model)["fused"]))
+            res.setdefault("fused_groups", sum(isinstance(m, classes()[0]) for m in model.modules()))
         load_s = time.perf_counter() - t
         ref = None
         for label, loop in rows:
