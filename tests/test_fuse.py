@@ -70,12 +70,18 @@ def test_compiled_the_fused_model_has_one_matmul_per_group_and_one_graph(llama32
     assert graphs == [2 * 4 + 1]
 
 
-def test_a_sibling_given_another_input_computes_its_own_rows():
-    # cross-attention feeds keys and values another tensor than queries: no slice of the query's product
+def _qkv():
+    """A module holding q/k/v projections with biases (8 -> 8, 4, 4), and those Linears."""
     lin = [torch.nn.Linear(8, n, bias=True) for n in (8, 4, 4)]
     parent = torch.nn.Module()
     for name, m in zip(("q_proj", "k_proj", "v_proj"), lin):
         setattr(parent, name, m)
+    return parent, lin
+
+
+def test_a_sibling_given_another_input_computes_its_own_rows():
+    # cross-attention feeds keys and values another tensor than queries: no slice of the query's product
+    parent, lin = _qkv()
     want_q, want_k = [m.weight.detach().clone() for m in lin[:2]]
     report = fuse_projections(parent)
     assert report["fused"] == ["q_proj/k_proj/v_proj"]
@@ -135,10 +141,7 @@ def test_the_config_key_is_a_boolean_and_named_in_the_label():
 
 
 def test_a_part_still_shows_its_rows_of_weight_and_bias():
-    lin = [torch.nn.Linear(8, n, bias=True) for n in (8, 4, 4)]
-    parent = torch.nn.Module()
-    for name, m in zip(("q_proj", "k_proj", "v_proj"), lin):
-        setattr(parent, name, m)
+    parent, lin = _qkv()
     want = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in lin]
     fuse_projections(parent)
     for name, (w, b) in zip(("q_proj", "k_proj", "v_proj"), want):
