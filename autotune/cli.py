@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-projections", choices=["auto", "never"], default="auto",
                    help="auto: compiled candidates also with q/k/v and gate/up fused into one matmul each (where the checkpoint has "
                         "them), ranked by the screen like the rest; never: the model as transformers loads it")
+    p.add_argument("--sdpa-gqa", choices=["auto", "never"], default="auto",
+                   help="auto: compiled SDPA candidates of a model with grouped-query attention also with SDPA's own grouped heads "
+                        "(enable_gqa) instead of transformers' key/value copies, ranked by the screen; never: transformers' attention")
     p.add_argument("--min-throughput", type=float, default=0.0, metavar="TOK_S", help="with --objective memory: the floor in tokens/s")
     p.add_argument("--headroom", type=float, default=1.0, metavar="GIB",
                    help="GiB kept free on each GPU beyond the estimate when max_memory is derived for a device_map split (default 1)")
@@ -304,7 +307,7 @@ def _tune(args: argparse.Namespace) -> int:
                       attention=args.attention, cache=args.cache, check_capacity=not args.no_capacity_check,
                       trust_remote_code=args.trust_remote_code, wait=args.wait, seq_len=args.seq_len, decode_loop=args.decode_loop,
                       compile_modes=args.compile_modes, quality_tolerance=args.quality_tolerance, prompts=args.prompts,
-                      fuse_projections=args.fuse_projections,
+                      fuse_projections=args.fuse_projections, sdpa_gqa=args.sdpa_gqa,
                       say=lambda msg: print(f"autotune: {msg}", file=sys.stderr, flush=True))
     finally:
         if bar is not None:

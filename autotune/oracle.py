@@ -21,10 +21,11 @@ ORACLE_REPS = 10
 def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[str, str] | None = None, *, quant: bool = False) -> list[Any]:
     """Every unquantized one-device candidate the rules let through, placed as the tune places
     them (each compiled one also with fused projections where the checkpoint has siblings to
-    fuse); with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
+    fuse, and each compiled SDPA one also with SDPA's grouped-query attention where the model
+    groups its heads); with ``quant``, also torchao's int8 / int4 / float8 of bfloat16 sdpa compiled (with
     either decode loop), the tune's weight-quantization candidates."""
     space = Space(read_model(model_path), facts, workload, fixed=fixed)
-    cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=may_fuse(space.model)))
+    cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=may_fuse(space.model), gqa=space.model.gqa is True))
     if quant:
         cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop) for q in TORCHAO_KINDS for loop in (None, "sync-free")]
     return [space.place("oracle", cfg) for cfg in cfgs]

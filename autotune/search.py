@@ -9,7 +9,8 @@ pick will run in:
 
 * **compiled** (CUDA, a static cache not ruled out, objective throughput or latency): every
   dtype x attention (x SDPA backend at long prompts, x fused projections where the checkpoint
-  has sibling q/k/v or gate/up projections) is screened in one process by the GPU
+  has sibling q/k/v or gate/up projections, and SDPA also with its own grouped-query attention
+  where the model groups its heads) is screened in one process by the GPU
   kernel time of a decode step with a static cache (what CUDA graphs leave of a step: no
   launch gaps, no host work); the ones within ``SCREEN_MARGIN`` of the best are compiled and
   measured for real (at most ``MAX_COMPILED``), and the pick comes from those runs. If none
@@ -38,8 +39,9 @@ from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
 from .fuse import NothingToFuse, may_fuse
+from .gqa import NotGrouped
 from .memory import BYTES
-from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, regime
+from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, gqa_applies, regime
 from .trial import STATUS_OK, Trial
 
 # A stage of the eager search carries forward the simplest option within this fraction of the
@@ -76,7 +78,7 @@ PROMPT_LOOKUP_TOKENS = (2, 10)
 class Search:
     def __init__(self, space: Space, bench: Bench, judge: Judge, *, quantization: str = "auto", finalist_rounds: int = 2,
                  notes: list[str] | None = None, decode_loop: str = "auto", compile_modes: Sequence[str] = ("reduce-overhead",),
-                 fuse_projections: str = "auto") -> None:
+                 fuse_projections: str = "auto", sdpa_gqa: str = "auto") -> None:
         from .config import COMPILE_MODES
         from .errors import UserError
 
@@ -89,7 +91,10 @@ class Search:
             raise UserError(f"unknown compile mode {bad[0] if bad else ''!r}; use one or more of {', '.join(COMPILE_MODES)}")
         if fuse_projections not in ("auto", "never"):
             raise UserError("fuse projections must be auto or never")
+        if sdpa_gqa not in ("auto", "never"):
+            raise UserError("sdpa gqa must be auto or never")
         self.fuse_projections = fuse_projections
+        self.sdpa_gqa = sdpa_gqa
         self.decode_loop = decode_loop
         self.compile_modes = tuple(compile_modes)
         self.space, self.bench, self.judge = space, bench, judge
@@ -137,16 +142,18 @@ class Search:
         """The decode loop compiled candidates use: autotune's sync-free one unless told otherwise."""
         return None if self.decode_loop == "transformers" else "sync-free"
 
-    def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None, fuse: Any = "same") -> Trial:
+    def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None, fuse: Any = "same",
+                gqa: Any = "same") -> Trial:
         """``t`` with another decode loop, compile mode or torchao quantization (unfused: its
-        linears are no plain ones), placed anew."""
+        linears are no plain ones; its attention as ``t``'s), placed anew."""
         fp = t.config["from_pretrained"]
         rt, gen = t.config["runtime"], t.config["generate"]
         return self.space.make(stage, fp["dtype"] if not quant else "bfloat16", fp.get("attn_implementation") or "sdpa",
                                backend=rt.get("sdpa_backend"), cache=gen.get("cache_implementation"), compile_=not gen.get("disable_compile"),
                                quant=quant, loop=rt.get("decode_loop") if loop == "same" else loop,
                                compile_mode=(gen.get("compile_config") or {}).get("mode") if mode == "same" else mode,
-                               fuse=(bool(rt.get("fuse_projections")) if fuse == "same" else fuse) and not quant)  # quantized linears do not fuse
+                               fuse=(bool(rt.get("fuse_projections")) if fuse == "same" else fuse) and not quant,  # quantized linears do not fuse
+                               gqa=bool(rt.get("sdpa_gqa")) if gqa == "same" else gqa)
 
     def compiled_search(self, baseline: Trial) -> bool:
         sp, bench = self.space, self.bench
@@ -156,8 +163,16 @@ class Search:
         # each also with its sibling projections fused (q/k/v, gate/up: one matmul each), where the
         # checkpoint has such siblings (or its tensor names are unknown): the screen ranks them too
         fuse = (False, True) if self.fuse_projections == "auto" and may_fuse(sp.model) else (False,)
-        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f)
-                 for d in dtypes for a, b in options for f in fuse]
+        # and SDPA with its own grouped-query attention where the model groups its query heads (a
+        # static cache always passes a mask, so transformers copies the keys and values per query
+        # head instead: runtime.sdpa_gqa, autotune.gqa); beside the last of ``fuse`` only, as the
+        # two change disjoint kernels (the linears, the attention): on an H200 at batch 1 fusing gave
+        # +19.7 % / +10.0 % (1.1 B / 7 B shape) and SDPA's GQA on the fused model +13.6 % / +8.0 %
+        # more (docs/gpu/h200-s17-graphs-*-gqa.json)
+        gqa = self.sdpa_gqa == "auto" and sp.model.gqa is True
+        cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f, gqa=g)
+                 for d in dtypes for a, b in options for f in fuse
+                 for g in ((False, True) if gqa and f == fuse[-1] and gqa_applies(a, b) else (False,))]
         bench.add([baseline])
         cands = bench.add(cands)
         live = [t for t in cands if t.status != "dropped"]
@@ -178,13 +193,13 @@ class Search:
         # (fused projections before the same candidate unfused: at batch 1 on an H200 they decoded
         # 19.8 % faster at the 1.1 B shape and 10.4 % at 7 B, docs/gpu/h200-s16-graphs-*-fused.json)
         prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), not t.config["runtime"].get("fuse_projections"),
-                                            t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
+                                            not t.config["runtime"].get("sdpa_gqa"), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
         ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
         # the sync-free loop's twin with transformers' own loop (it has to win its place) is the
         # prior's first pick's, compiled ahead too: made after the screen it compiled alone, 30 s
         # that every timed run waited for (the H200 tune, docs/PERFORMANCE.md); unfused, as
         # transformers loads it: the twin is today's best without autotune's code
-        added = bench.add([self.variant("compiled", ahead_of[0], loop=None, fuse=False)]) if loop and ahead_of else []  # [] if already there
+        added = bench.add([self.variant("compiled", ahead_of[0], loop=None, fuse=False, gqa=False)]) if loop and ahead_of else []  # [] if already there
         twin = added[0] if added else None
         ahead_of = [*ahead_of, *added]
         plan = [*ahead_of, baseline, *[t for t in ahead_of if t is not twin and not own_graph(t)]] if ahead_of else []
@@ -198,7 +213,7 @@ class Search:
         screened = bench.screen(seen) if len(seen) > 1 else False
         if screened:
             for t in seen:
-                if str(t.screen.get("error", "")).startswith(NothingToFuse.__name__):  # the unfused candidate is the same one
+                if str(t.screen.get("error", "")).startswith((NothingToFuse.__name__, NotGrouped.__name__)):  # the plain candidate is the same one
                     t.status, t.reason = "not measured", str(t.screen["error"]).split(": ", 1)[-1][:300]
                 elif t.screen.get("status") != STATUS_OK:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
@@ -239,7 +254,7 @@ class Search:
         elif loop and queue:
             # the leader with transformers' own loop as well: the sync-free loop has to win its place
             # (and a model it cannot run still has a compiled candidate)
-            queue += bench.add([self.variant("compiled", queue[0], loop=None, fuse=False)])  # nothing if already there
+            queue += bench.add([self.variant("compiled", queue[0], loop=None, fuse=False, gqa=False)])  # nothing if already there
         # every finalist compiles before anything is timed: beside the others where they fit
         # together, ahead of the screen where it was the prior's pick
         bench.cancel(ahead, keep=[t.label for t in queue])

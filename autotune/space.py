@@ -51,11 +51,13 @@ TORCHAO_COMPILE_OPTIONS = {"torchao-int8wo": {"coordinate_descent_tuning": True,
 
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
                      quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None,
-                     loop: str | None = None, compile_mode: str | None = None, lookup: int | None = None, fuse: bool = False) -> dict[str, Any]:
+                     loop: str | None = None, compile_mode: str | None = None, lookup: int | None = None, fuse: bool = False,
+                     gqa: bool = False) -> dict[str, Any]:
     """A candidate as a config dict (the contract's three parts). ``loop``: runtime.decode_loop;
     ``compile_mode``: generate.compile_config.mode (None: transformers' default); ``lookup``:
     generate.prompt_lookup_num_tokens (prompt-lookup decoding); ``fuse``:
-    runtime.fuse_projections (q/k/v and gate/up as one matmul each, :mod:`autotune.fuse`)."""
+    runtime.fuse_projections (q/k/v and gate/up as one matmul each, :mod:`autotune.fuse`); ``gqa``:
+    runtime.sdpa_gqa (SDPA's enable_gqa instead of transformers' key/value copies, :mod:`autotune.gqa`)."""
     fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if device_map is not None:
         fp["device_map"] = device_map
@@ -85,6 +87,8 @@ def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache
         rt["decode_loop"] = loop
     if fuse:
         rt["fuse_projections"] = True
+    if gqa:
+        rt["sdpa_gqa"] = True
     return {"from_pretrained": fp, "generate": gen, "runtime": rt}
 
 
@@ -101,6 +105,7 @@ def simplicity(c: Candidate) -> int:
     s += 1 if c.compile_mode not in (None, "reduce-overhead") else 0  # a longer compile
     s += 1 if c.decode_loop else 0  # autotune's code in the user's generate
     s += 1 if c.fuse_projections else 0  # autotune's code in the user's model
+    s += 1 if c.sdpa_gqa else 0  # autotune's attention function in it
     s += 1 if c.prompt_lookup else 0  # one row per call, and a gain that depends on the text
     return s + placement_cost(c)
 
@@ -127,12 +132,12 @@ def regime(cfg: dict[str, Any], device: str) -> str:
 
 def same_candidate(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two configs that load and generate alike (placement keys aside), with the same SDPA backend,
-    decode loop and fused projections (or not)."""
+    decode loop, fused projections and SDPA grouped-query attention (or not)."""
     def key(c: dict[str, Any]) -> tuple:
         fp = {k: v for k, v in (c.get("from_pretrained") or {}).items() if k not in ("device_map", "max_memory")}
         rt = c.get("runtime") or {}
         return (sorted(fp.items(), key=str), sorted((c.get("generate") or {}).items(), key=str), rt.get("sdpa_backend"),
-                rt.get("decode_loop") or "transformers", bool(rt.get("fuse_projections")))
+                rt.get("decode_loop") or "transformers", bool(rt.get("fuse_projections")), bool(rt.get("sdpa_gqa")))
     return key(a) == key(b)
 
 
@@ -193,9 +198,11 @@ def attention_options(device: str, workload: Workload, fixed: dict[str, str], no
     return out
 
 
-def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str] | None = None, *, fuse: bool = False) -> Iterator[dict[str, Any]]:
+def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str] | None = None, *, fuse: bool = False,
+               gqa: bool = False) -> Iterator[dict[str, Any]]:
     """Every unquantized single-device candidate: dtype x attention (x SDPA backend) x cache/compile
-    (x compile mode x decode loop x fused projections, where ``fuse``, where it compiles).
+    (x compile mode x decode loop x fused projections, where ``fuse``, x SDPA's own grouped-query
+    attention, where ``gqa`` and the attention is SDPA with a backend that takes it, where it compiles).
     The exhaustive oracle measures all of it; the search measures a part chosen by regime."""
     fixed = fixed or {}
     dtypes = [fixed["dtype"]] if "dtype" in fixed else list(DTYPES)
@@ -207,8 +214,15 @@ def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str]
             for cache, comp in caches:
                 compiled = bool(cache and comp and device == "cuda")  # what compiling adds: the decode loop, the compile modes, fused projections
                 for f in (False, True) if fuse and compiled else (False,):
-                    for mode, loop in ((None, None), *(COMPILE_VARIANTS if compiled else ())):
-                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=f)
+                    for g in (False, True) if gqa and compiled and gqa_applies(attn, backend) else (False,):
+                        for mode, loop in ((None, None), *(COMPILE_VARIANTS if compiled else ())):
+                            yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=f, gqa=g)
+
+
+def gqa_applies(attn: str, backend: str | None) -> bool:
+    """Whether runtime.sdpa_gqa goes with this attention and SDPA backend: SDPA's, on a backend that
+    takes grouped heads with a mask (not forced to flash or efficient: rule SDPA-GQA-BACKEND)."""
+    return attn == "sdpa" and backend in (None, "cudnn", "math")
 
 
 # A compiled static cache's variants beyond transformers' default (CompileConfig mode reduce-overhead,
@@ -306,9 +320,9 @@ class Space:
 
     def make(self, stage: str, dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None,
              compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None,
-             lookup: int | None = None, fuse: bool = False) -> Trial:
+             lookup: int | None = None, fuse: bool = False, gqa: bool = False) -> Trial:
         base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None,
-                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse)
+                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse, gqa=gqa)
         return self.place(stage, base)
 
     def place(self, stage: str, cfg: dict[str, Any]) -> Trial:

@@ -112,6 +112,7 @@ class Tuner(OnBench):
         quality_tolerance: float = QUALITY_TOLERANCE,
         prompts: Any = None,
         fuse_projections: str = "auto",
+        sdpa_gqa: str = "auto",
     ) -> None:
         """``model``: the already-read :class:`ModelSpec` of ``model_path`` (else it is read here).
         ``prompts``: the user's :class:`~autotune.prompts.Prompts`, on which text-dependent
@@ -132,7 +133,8 @@ class Tuner(OnBench):
         if prompts is not None:
             self.notes += prompts.notes()
         self.search = Search(self.space, self.bench, self.judge, quantization=quantization, finalist_rounds=finalist_rounds, notes=self.notes,
-                             decode_loop=decode_loop, compile_modes=compile_modes, fuse_projections=fuse_projections)
+                             decode_loop=decode_loop, compile_modes=compile_modes, fuse_projections=fuse_projections,
+                             sdpa_gqa=sdpa_gqa)
         self.check_capacity = check_capacity
 
     def run(self) -> TuneResult:
@@ -265,6 +267,7 @@ def tune(
     quality_tolerance: float = QUALITY_TOLERANCE,
     prompts: str | Path | None = None,
     fuse_projections: str = "auto",
+    sdpa_gqa: str = "auto",
 ) -> Any:
     """Tune ``model`` (a local folder; None builds a small random Llama) on this machine.
 
@@ -288,7 +291,9 @@ def tune(
     ``quality_tolerance`` (mean KL to the unquantized reference, nats). ``fuse_projections``
     "auto" screens each compiled candidate also with its q/k/v and gate/up projections fused
     into one matmul each (``runtime.fuse_projections``, :mod:`autotune.fuse`); "never" leaves the
-    model as transformers loads it.
+    model as transformers loads it. ``sdpa_gqa`` "auto" screens each compiled SDPA candidate of a
+    model with grouped-query attention also with SDPA's own grouped heads instead of transformers'
+    key/value copies (``runtime.sdpa_gqa``, :mod:`autotune.gqa`); "never" keeps transformers' attention.
 
     ``prompts``: a file of the user's own prompts (see :mod:`autotune.prompts`), tokenized with the
     model's tokenizer; then the prompt length is theirs (the longest, each cut to its last
@@ -391,7 +396,7 @@ def tune(
                             else "no GPU is visible here") + " (CUDA ordinals, after CUDA_VISIBLE_DEVICES)")
         with MeasureLock(usable_cache_dir(), device, wait_s=wait, say=say) as lock:
             # the cache is read inside the lock: what another tune measured meanwhile is seen
-            cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}|{decode_loop}|{compile_modes}|{quality_tolerance}|{fuse_projections}") if use_cache else None
+            cache = ResultCache(cache_dir() / "results", here, spec, workload, extra=f"{objective}|{quantization}|{budget}|{headroom_gib}|{sorted(fixed.items())}|{decode_loop}|{compile_modes}|{quality_tolerance}|{fuse_projections}|{sdpa_gqa}") if use_cache else None
             if own_runner and cache is not None:
                 runner.workdir = cache.root / cache.key  # runs (and their logits) stay beside the cached results
             tuner: Any
@@ -409,7 +414,7 @@ def tune(
                               progress=progress, candidate_timeout=candidate_timeout, headroom_gib=headroom_gib, fixed=fixed,
                               check_capacity=check_capacity, model=spec, trust_remote_code=trust_remote_code, decode_loop=decode_loop,
                               compile_modes=tuple(compile_modes), quality_tolerance=quality_tolerance, prompts=real_prompts,
-                              fuse_projections=fuse_projections)
+                              fuse_projections=fuse_projections, sdpa_gqa=sdpa_gqa)
             tuner.start = t0 + lock.waited_s
             result = tuner.run()
             if cache is not None and result.pick is not None:

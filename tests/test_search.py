@@ -46,6 +46,10 @@ def fused(cfg: dict[str, Any]) -> bool:
     return bool((cfg.get("runtime") or {}).get("fuse_projections"))
 
 
+def grouped(cfg: dict[str, Any]) -> bool:
+    return bool((cfg.get("runtime") or {}).get("sdpa_gqa"))
+
+
 # the sync-free loop's gain over transformers' own loop in this fake (the H100's is in docs/PERFORMANCE.md)
 LOOP_GAIN = 1.25
 
@@ -55,22 +59,29 @@ class RegimeRunner:
     (GPU time per decode step) follows the compiled regime, with some noise of its own."""
 
     def __init__(self, screen_noise: dict[tuple[str, str], float] | None = None, fail: set[tuple[str, str]] | None = None,
-                 loop_fails: bool = False, fuse_gain: float = 1.0, nothing_to_fuse: bool = False):
+                 loop_fails: bool = False, fuse_gain: float = 1.0, nothing_to_fuse: bool = False, gqa_gain: float = 1.0,
+                 not_grouped: bool = False):
         self.specs: list[dict[str, Any]] = []
+        self.gqa_gain = gqa_gain  # runtime.sdpa_gqa's speed over the same candidate without it
+        self.not_grouped = not_grouped  # the worker finds no grouped attention module to switch
         self.fuse_gain = fuse_gain  # a fused candidate's speed over the same one unfused, compiled and screened alike
         self.nothing_to_fuse = nothing_to_fuse  # the worker finds no siblings to fuse
         self.screen_noise = screen_noise or {}
         self.fail = fail or set()
         self.loop_fails = loop_fails
 
+    def gain(self, cfg: dict[str, Any]) -> float:
+        return (self.fuse_gain if fused(cfg) else 1.0) * (self.gqa_gain if grouped(cfg) else 1.0)
+
     def speed(self, cfg: dict[str, Any]) -> float:
-        return ((COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)] * (LOOP_GAIN if looped(cfg) and compiled(cfg) else 1.0)
-                * (self.fuse_gain if fused(cfg) else 1.0))
+        return (COMPILED if compiled(cfg) else DYNAMIC)[key(cfg)] * (LOOP_GAIN if looped(cfg) and compiled(cfg) else 1.0) * self.gain(cfg)
 
     def screened(self, s: dict[str, Any]) -> dict[str, Any]:
         if fused(s["config"]) and self.nothing_to_fuse:
             return {"label": s["label"], "status": "error", "error": "NothingToFuse: nothing to fuse in GPT2LMHeadModel (no sibling q/k/v or gate/up projections)"}
-        ms = 1000 / COMPILED[key(s["config"])] * self.screen_noise.get(key(s["config"]), 1.0) / (self.fuse_gain if fused(s["config"]) else 1.0)
+        if grouped(s["config"]) and self.not_grouped:
+            return {"label": s["label"], "status": "error", "error": "NotGrouped: no grouped-query attention in GPTBigCodeForCausalLM (as many key/value heads as query heads)"}
+        ms = 1000 / COMPILED[key(s["config"])] * self.screen_noise.get(key(s["config"]), 1.0) / self.gain(s["config"])
         return {"label": s["label"], "status": "ok", "step_ms": ms}
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +111,9 @@ def llama(tmp_path_factory):
 
 def tuned(llama, runner, **kw):
     # the screen's and the launches' mechanics, on the candidates as transformers loads them;
-    # fused projections have tests of their own (fuse_projections="auto", the tune's default)
+    # fused projections and SDPA's GQA have tests of their own ("auto" for each, the tune's default)
     kw.setdefault("fuse_projections", "never")
+    kw.setdefault("sdpa_gqa", "never")
     return Tuner(llama, facts=load_target("h100-80gb"), workload=WORKLOAD, runner=runner, check_capacity=False, **kw).run()
 
 
@@ -217,9 +229,14 @@ def test_oracle_space_is_every_dtype_attention_and_cache(llama):
     ts = oracle.candidates(str(llama), h100, WORKLOAD)
     live = [t for t in ts if t.status != "dropped"]
     # 3 dtypes x (sdpa, eager) x (dynamic, static, static+compile, and compiled: sync-free loop, max-autotune, both;
-    # and each compiled one with fused projections: the checkpoint has q/k/v and gate/up siblings)
-    assert len(live) == 3 * 2 * (3 + len(COMPILE_VARIANTS) + 1 + len(COMPILE_VARIANTS)), [t.label for t in live]
-    assert sum(1 for t in live if "fused-projections" in t.label) == 3 * 2 * (1 + len(COMPILE_VARIANTS))
+    # and each compiled one with fused projections: the checkpoint has q/k/v and gate/up siblings;
+    # and each compiled sdpa one, fused or not, with SDPA's GQA: 4 query heads share 2 key/value heads)
+    compiled_rows = 1 + len(COMPILE_VARIANTS)
+    assert len(live) == 3 * 2 * (2 + 2 * compiled_rows) + 3 * 2 * compiled_rows, [t.label for t in live]
+    assert sum(1 for t in live if "fused-projections" in t.label) == 3 * 2 * compiled_rows + 3 * compiled_rows
+    gqa = [t for t in live if grouped(t.config)]
+    assert len(gqa) == 3 * 2 * compiled_rows and {key(t.config)[1] for t in gqa} == {"sdpa"} and all("sdpa-gqa" in t.label for t in gqa)
+    assert all(compiled(t.config) for t in gqa), "without a static cache transformers passes no mask at batch 1: it uses enable_gqa itself"
     assert {t.status for t in ts if "flash_attention" in t.label} == {"dropped"}, "no flash-attn in the profile's stack"
     long = oracle.candidates(str(llama), h100, Workload(batch_size=1, prompt_len=4096, new_tokens=128))
     assert any(t.config["runtime"].get("sdpa_backend") == "cudnn" for t in long if t.status != "dropped"), "SDPA backends at long prompts"
@@ -264,6 +281,7 @@ def test_screen_runs_every_candidate_in_one_process(tmp_path):
     model = save_tiny_llama(tmp_path / "m")
     cfgs = [{"from_pretrained": {"dtype": d, "attn_implementation": a}, "generate": {"cache_implementation": "static", "disable_compile": False},
              "runtime": {}} for d, a in (("float32", "eager"), ("bfloat16", "sdpa"))]
+    cfgs.append({**cfgs[1], "runtime": {"sdpa_gqa": True, "fuse_projections": True}})  # the model changed after loading, as load does
     runner = ForkRunner(timeout_s=120, workdir=tmp_path / "runs")
     try:
         r = runner.run({"model": str(model), "label": "screen", "config": cfgs[0], "workload": {"batch_size": 1, "prompt_len": 8, "new_tokens": 4},
@@ -272,8 +290,8 @@ def test_screen_runs_every_candidate_in_one_process(tmp_path):
     finally:
         runner.close()
     rows = {row["label"]: row for row in r["screen"]}
-    assert r["status"] == "ok" and set(rows) == {"0", "1", "bad"}
-    for i in ("0", "1"):
+    assert r["status"] == "ok" and set(rows) == {"0", "1", "2", "bad"}
+    for i in ("0", "1", "2"):
         assert rows[i]["status"] == "ok" and rows[i]["step_ms"] > 0 and rows[i]["logits_finite"]
     assert rows["bad"]["status"] == "error" and rows["bad"]["oom"], "one candidate's failure is its row"
     import torch
@@ -282,6 +300,8 @@ def test_screen_runs_every_candidate_in_one_process(tmp_path):
     from autotune.quality import compare
 
     assert ref.shape == (1, 4, 256) and compare(ref, half)["top1"] >= 0.5
+    changed = torch.load(rows["2"]["logits"]).float()
+    assert compare(half, changed)["top1"] >= 0.75, "the same bf16 model: only the matmuls' grouping and the attention kernel's call differ"
 
 
 def test_oracle_ratio_on_the_recorded_h100_runs():
@@ -308,7 +328,7 @@ def test_oracle_screen_rows_use_the_tunes_screen(llama):
     oracle.screen_rows(str(llama), WORKLOAD, runner, rows)
     screened = [r for r in rows if "screen_step_ms" in r]
     assert len(runner.specs) == 1 and runner.specs[0]["screen_steps"] == 32
-    assert len(screened) == 2 * 6 * (1 + len(COMPILE_VARIANTS)) and all(compiled(r["config"]) for r in screened)
+    assert len(screened) == (2 * 6 + 2 * 3) * (1 + len(COMPILE_VARIANTS)) and all(compiled(r["config"]) for r in screened)
     assert min(screened, key=lambda r: r["screen_step_ms"])["label"] == "bfloat16 sdpa static-cache+compile"
 
 
@@ -329,7 +349,7 @@ def test_oracle_measures_in_rounds_so_a_drift_reaches_every_candidate(llama):
     """One process of each candidate per round; a machine that gets faster over time moves
     every candidate alike, and the median of the process medians keeps the true order."""
     ts = [t for t in oracle.candidates(str(llama), load_target("h100-80gb"), WORKLOAD) if compiled(t.config) and not looped(t.config)
-          and not t.config["generate"].get("compile_config")]
+          and not t.config["generate"].get("compile_config") and not grouped(t.config)]  # the third of another dtype x attention
     ts = [t for t in ts if t.status != "dropped"][:3] + [t for t in ts if t.status == "dropped"][:1]
 
     class Drifting(RegimeRunner):
@@ -749,6 +769,53 @@ def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
     assert lead.status == "ok"
     quant = [t for t in r.trials if t.stage == "weight quantization"]
     assert quant and not any(fused(t.config) for t in quant), "a quantized linear is no plain one: nothing of it fuses"
+
+
+# ---- SDPA's own grouped-query attention (runtime.sdpa_gqa): beside the fused SDPA candidates, ranked by the screen
+
+def test_sdpa_gqa_is_screened_beside_each_fused_sdpa_candidate_and_picked_when_faster(llama):
+    runner = LaunchingRunner(fuse_gain=1.15, gqa_gain=1.1)
+    r = tuned(llama, runner, fuse_projections="auto", sdpa_gqa="auto")
+    screen = next(s for s in runner.specs if s.get("screen"))["screen"]
+    gqa = [s for s in screen if grouped(s["config"])]
+    # each dtype x attention fused and not, and each dtype's fused sdpa also with SDPA's GQA
+    assert len(screen) == 2 * 6 + 3 and len(gqa) == 3, [s["label"] for s in screen]
+    assert all(fused(s["config"]) and key(s["config"])[1] == "sdpa" for s in gqa)
+    assert grouped(r.pick.config) and fused(r.pick.config) and looped(r.pick.config) and key(r.pick.config) == ("bfloat16", "sdpa"), r.pick.label
+    assert r.pick.config["runtime"]["sdpa_gqa"] is True and "sdpa-gqa" in r.pick.label
+    # compiled ahead of the screen first (the prior), and the twin with transformers' own loop as transformers loads it
+    screen_at = next(i for i, e in enumerate(runner.events) if e[0] == "run")
+    ahead = [lb for what, lb in runner.events[:screen_at] if what == "launch"]
+    assert ahead[0] == "bfloat16 sdpa sdpa-gqa static-cache+compile sync-free-loop fused-projections", ahead
+    twin = next(t for t in r.trials if t.label == BF16)
+    assert twin.status == "ok" and not grouped(twin.config) and not fused(twin.config)
+    plain = next(t for t in r.trials if t.label == BF16 + " sync-free-loop fused-projections")
+    assert plain.status == "not measured" and "screened out" in plain.reason
+
+
+def test_sdpa_gqa_is_not_picked_where_the_screen_says_it_is_slower(llama):
+    # e.g. a dtype or backend whose kernel takes grouped heads with a mask only on the slow path
+    r = tuned(llama, RegimeRunner(gqa_gain=0.7), sdpa_gqa="auto")
+    gqa = [t for t in r.trials if grouped(t.config) and t.screen]
+    assert gqa and all(t.status == "not measured" and "screened out" in t.reason for t in gqa)
+    assert not grouped(r.pick.config) and "sdpa_gqa" not in r.pick.config["runtime"] and compiled(r.pick.config)
+
+
+def test_a_model_the_worker_finds_ungrouped_leaves_its_gqa_candidates_unmeasured_not_failed(llama):
+    r = tuned(llama, RegimeRunner(not_grouped=True, gqa_gain=1.2), sdpa_gqa="auto")
+    gqa = [t for t in r.trials if grouped(t.config) and t.screen]
+    assert gqa and all(t.status == "not measured" and t.reason.startswith("no grouped-query attention") for t in gqa), [(t.status, t.reason) for t in gqa]
+    assert not grouped(r.pick.config) and compiled(r.pick.config)
+
+
+def test_no_gqa_candidates_for_a_model_without_grouped_heads_or_when_told_never(tmp_path, llama):
+    ungrouped = save_tiny_llama(tmp_path, dtype="bfloat16", num_key_value_heads=4)
+    r = tuned(ungrouped, RegimeRunner(gqa_gain=1.2), sdpa_gqa="auto")
+    assert r.pick is not None and compiled(r.pick.config) and not any(grouped(t.config) for t in r.trials), [t.label for t in r.trials]
+    r = tuned(llama, RegimeRunner(gqa_gain=1.2), sdpa_gqa="never")
+    assert not any(grouped(t.config) for t in r.trials)
+    with pytest.raises(Exception, match="sdpa gqa must be auto or never"):
+        tuned(llama, RegimeRunner(), sdpa_gqa="always")
 
 
 def test_a_close_candidate_left_out_by_the_compiled_places_says_so(llama):
