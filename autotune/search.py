@@ -165,14 +165,13 @@ class Search:
         fuse = (False, True) if self.fuse_projections == "auto" and may_fuse(sp.model) else (False,)
         # and SDPA with its own grouped-query attention where the model groups its query heads (a
         # static cache always passes a mask, so transformers copies the keys and values per query
-        # head instead: runtime.sdpa_gqa, autotune.gqa); beside the last of ``fuse`` only, as the
-        # two change disjoint kernels (the linears, the attention): on an H200 at batch 1 fusing gave
-        # +19.7 % / +10.0 % (1.1 B / 7 B shape) and SDPA's GQA on the fused model +13.6 % / +8.0 %
-        # more (docs/gpu/h200-s17-graphs-*-gqa.json)
+        # head instead: runtime.sdpa_gqa, autotune.gqa), fused and not: which of those is faster
+        # changes with the batch (an H200's screen, 7 B shape: fused 7 % ahead at batch 1, 3 % behind
+        # at batch 8, while GQA took 9 % and 33 % off the fused step; docs/gpu/h200-s17-tune-7b*.json)
         gqa = self.sdpa_gqa == "auto" and sp.model.gqa is True
         cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f, gqa=g)
                  for d in dtypes for a, b in options for f in fuse
-                 for g in ((False, True) if gqa and f == fuse[-1] and gqa_applies(a, b) else (False,))]
+                 for g in ((False, True) if gqa and gqa_applies(a, b) else (False,))]
         bench.add([baseline])
         cands = bench.add(cands)
         live = [t for t in cands if t.status != "dropped"]
