@@ -190,7 +190,8 @@ class Search:
         # the GPU's own time per step, which host load does not move), transformers' default,
         # and the finalists' head-to-head processes — as many of these as fit in memory together
         # (fused projections before the same candidate unfused: at batch 1 on an H200 they decoded
-        # 19.8 % faster at the 1.1 B shape and 10.4 % at 7 B, docs/gpu/h200-s16-graphs-*-fused.json)
+        # 19.8 % faster at the 1.1 B shape and 10.4 % at 7 B, docs/gpu/h200-s16-graphs-*-fused.json;
+        # then SDPA's GQA before transformers' copies: 13.6 % and 8.0 % more, h200-s17-graphs-*-gqa.json)
         prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), not t.config["runtime"].get("fuse_projections"),
                                             not t.config["runtime"].get("sdpa_gqa"), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
         ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
