@@ -18,11 +18,18 @@ where a mask is given and the heads are grouped, the same SDPA call as transform
 bias, head sizes SDPA's GQA path does not take) goes to transformers' own ``sdpa_attention_forward``.
 Which SDPA backend runs it is torch's choice as always; the flash and memory-efficient kernels
 do not take a mask with ``enable_gqa`` and the math kernel does, slowly (rule SDPA-GQA-BACKEND).
+
+transformers 5.23 added a switch of its own, ``TRANSFORMERS_SDPA_FORCE_GQA=1`` (``enable_gqa`` on
+every call of every model), and, for an uncompiled one-token step, ``pack_gqa``: the grouped query
+heads as rows of their key/value head, no copies; a compiled step still copies (``q_length == 1 and
+not is_torchdynamo_compiling()``). :func:`compiled_branches` makes an uncompiled step take the
+compiled step's branch, for the tune's screen, which times uncompiled steps to rank compiled runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 NAME = "autotune_sdpa_gqa"  # enable_gqa arrived in torch 2.5 (rule SDPA-GQA-TORCH)
 
@@ -76,3 +83,27 @@ def use(model: Any) -> int:
     register()
     model.set_attn_implementation(NAME)
     return n
+
+
+@contextlib.contextmanager
+def compiled_branches() -> Iterator[None]:
+    """While active, transformers' ``sdpa_attention_forward`` chooses as it does under
+    ``torch.compile``: from 5.23 on it packs the grouped query heads of an uncompiled one-token step
+    (no key/value copies) but copies them in a compiled one, so an uncompiled screen would rank
+    transformers' attention as if compiling kept that saving. Only that module's
+    ``is_torchdynamo_compiling`` is replaced (its one use there is that branch); a no-op where
+    transformers has no such branch (5.22 and earlier)."""
+    try:
+        from transformers.integrations import sdpa_attention as m
+    except ImportError:
+        yield
+        return
+    if not hasattr(m, "pack_gqa") or not hasattr(m, "is_torchdynamo_compiling"):
+        yield
+        return
+    before = m.is_torchdynamo_compiling
+    m.is_torchdynamo_compiling = lambda: True
+    try:
+        yield
+    finally:
+        m.is_torchdynamo_compiling = before

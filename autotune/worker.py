@@ -402,6 +402,13 @@ def _screen(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]
     the GPU time per decode step with a static cache, uncompiled — the difference between the
     device time of ``1 + steps`` generated tokens and of 1 (the prefill), over ``steps`` — and
     the forced-token logits of its first steps (a quality reference that costs no extra run)."""
+    from .gqa import compiled_branches
+
+    with compiled_branches():  # the attention branches of the compiled runs the screen ranks
+        return _screen_rows(torch, spec, out)
+
+
+def _screen_rows(torch: Any, spec: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     w = spec["workload"]
     steps = int(spec.get("screen_steps", 32))
     rows = []

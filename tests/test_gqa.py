@@ -100,3 +100,39 @@ def test_other_grouped_architectures_give_the_same_logits(arch):
         want = model(ids, attention_mask=mask).logits
         assert use(model) == 2
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_screen_takes_the_attention_branch_of_a_compiled_step(grouped, monkeypatch):
+    """transformers 5.23+ packs grouped query heads in an uncompiled one-token step (no copies) and
+    copies keys and values in a compiled one; the screen times uncompiled steps for compiled runs,
+    so under compiled_branches() every version copies, as compiling does."""
+    import transformers
+    from packaging.version import Version
+
+    from autotune.gqa import compiled_branches
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    heads: list[int] = []
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def spy(q, k, v, *a, **kw):
+        if q.shape[2] < ids.shape[1]:  # a one-token step (packed, its 2 query heads a head's 2 rows), not the prefill
+            heads.append(k.shape[1])
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = load(grouped, _cfg(False))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=3, min_new_tokens=3, cache_implementation="static",
+              disable_compile=True, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        plain, heads[:] = list(heads), []
+        with compiled_branches():
+            model.generate(ids, **kw)
+    assert heads and set(heads) == {4}, f"copied to the 4 query heads, as a compiled step does: {heads}"
+    packs = Version(transformers.__version__) >= Version("5.23")
+    assert plain and set(plain) == ({2} if packs else {4}), (transformers.__version__, plain)
+    from transformers.integrations import sdpa_attention
+
+    if hasattr(sdpa_attention, "is_torchdynamo_compiling"):
+        assert sdpa_attention.is_torchdynamo_compiling() is False, "restored on leaving"
