@@ -771,7 +771,7 @@ def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
     assert quant and not any(fused(t.config) for t in quant), "a quantized linear is no plain one: nothing of it fuses"
 
 
-# ---- SDPA's own grouped-query attention (runtime.sdpa_gqa): beside the fused SDPA candidates, ranked by the screen
+# ---- SDPA's own grouped-query attention (runtime.sdpa_gqa): beside each SDPA candidate, ranked by the screen
 
 def test_sdpa_gqa_is_screened_beside_each_sdpa_candidate_and_picked_when_faster(llama):
     runner = LaunchingRunner(fuse_gain=1.15, gqa_gain=1.1)
@@ -791,6 +791,18 @@ def test_sdpa_gqa_is_screened_beside_each_sdpa_candidate_and_picked_when_faster(
     assert twin.status == "ok" and not grouped(twin.config) and not fused(twin.config)
     plain = next(t for t in r.trials if t.label == BF16 + " sync-free-loop fused-projections")
     assert plain.status == "not measured" and "screened out" in plain.reason
+
+
+def test_torchao_variants_keep_the_leaders_attention(llama, tmp_path):
+    from autotune.profiles import apply_overrides
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantRunner(tmp_path, fuse_gain=1.15, gqa_gain=1.1), check_capacity=False,
+              quantization="always", sdpa_gqa="auto").run()
+    lead = next(t for t in r.trials if t.label == "bfloat16 sdpa sdpa-gqa static-cache+compile sync-free-loop fused-projections")
+    assert lead.status == "ok"
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    assert quant and all(grouped(t.config) and not fused(t.config) for t in quant), [t.label for t in quant]
 
 
 def test_sdpa_gqa_on_the_unfused_model_wins_where_fusing_is_slower(llama):
