@@ -93,12 +93,9 @@ def compiled_branches() -> Iterator[None]:
     transformers' attention as if compiling kept that saving. Only that module's
     ``is_torchdynamo_compiling`` is replaced (its one use there is that branch); a no-op where
     transformers has no such branch (5.22 and earlier)."""
-    try:
-        from transformers.integrations import sdpa_attention as m
-    except ImportError:
-        yield
-        return
-    if not hasattr(m, "pack_gqa") or not hasattr(m, "is_torchdynamo_compiling"):
+    from transformers.integrations import sdpa_attention as m
+
+    if not (hasattr(m, "pack_gqa") and hasattr(m, "is_torchdynamo_compiling")):
         yield
         return
     before = m.is_torchdynamo_compiling

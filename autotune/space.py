@@ -222,7 +222,7 @@ def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str]
 def gqa_applies(attn: str, backend: str | None) -> bool:
     """Whether runtime.sdpa_gqa goes with this attention and SDPA backend: SDPA's, on a backend that
     takes grouped heads with a mask (not forced to flash or efficient: rule SDPA-GQA-BACKEND)."""
-    return attn == "sdpa" and backend in (None, "cudnn", "math")
+    return attn == "sdpa" and backend not in ("flash", "efficient")
 
 
 # A compiled static cache's variants beyond transformers' default (CompileConfig mode reduce-overhead,

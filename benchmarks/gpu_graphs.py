@@ -149,12 +149,13 @@ def main() -> None:
     x = torch.randint(3, 32000, (1, 512), generator=g).cuda()
     kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=128, min_new_tokens=128)
 
-    first_ref = []  # the first variant's first tokens
+    first_tokens = None  # the first variant's first row's
 
     def save():
         (out / f"graphs-{args.shape}.json").write_text(json.dumps(res, indent=1))
 
     def variant(name, quant, rows, fuse=False, backend=None, gqa=False):
+        nonlocal first_tokens
         raw = (quant or "").startswith("{")  # a torchao config of no candidate kind, e.g. a prototype's
         kind, _, fields = ("", "", "") if raw else (quant or "").partition(":")
         cfg = candidate_config(args.dtype, "sdpa", quant=kind or None, backend=backend)
@@ -204,10 +205,10 @@ def main() -> None:
             if toks is not None:
                 if ref is None:
                     ref = toks
-                if not first_ref:
-                    first_ref.append(toks)
+                if first_tokens is None:
+                    first_tokens = toks
                 row["tokens_equal_first_row"] = bool(torch.equal(toks, ref))
-                row["tokens_equal_first_variant"] = bool(torch.equal(toks, first_ref[0]))  # e.g. sdpa-gqa against the copies
+                row["tokens_equal_first_variant"] = bool(torch.equal(toks, first_tokens))  # e.g. sdpa-gqa against the copies
                 row["agree_first_row"] = int((toks[0, 512:] == ref[0, 512:]).sum())
                 weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9 if not quant else None
                 row["weight_gb"] = weight_gb and round(weight_gb, 3)
