@@ -19,6 +19,13 @@ class ConfigError(UserError):
     """A config dict (or from_pretrained kwargs) that cannot be understood."""
 
 
+class NotApplicable(RuntimeError):
+    """An option asked for that changes nothing in this model (nothing to fuse, no grouped heads
+    to give SDPA): the model would run as loaded, so a tuner's candidate with it would be another
+    candidate under its name. The worker's results say so (``not_applicable``), and the tuner
+    counts such a candidate as not measured, not as failed."""
+
+
 class RuleFileError(ValueError):
     """A rule file that is malformed. Names the file and the key."""
 

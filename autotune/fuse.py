@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .errors import NotApplicable
+
 # Sibling projections that transformers' modules apply to one hidden state, by attribute
 # name: Llama/Mistral/Qwen2/Qwen3/Gemma attention and MLP (modeling_llama.py LlamaAttention,
 # LlamaMLP), BERT-style self-attention (modeling_bert.py BertSelfAttention: query, key, value).
@@ -52,7 +54,7 @@ def groups_in(names: list[str] | tuple[str, ...]) -> int | None:
     return sum(1 for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group))
 
 
-class NothingToFuse(RuntimeError):
+class NothingToFuse(NotApplicable):
     """Fusing was asked for and no group of this model qualifies (the tuner's candidate is then
     not measured: it would be the unfused one under another name)."""
 

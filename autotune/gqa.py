@@ -31,10 +31,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from .errors import NotApplicable
+
 NAME = "autotune_sdpa_gqa"  # enable_gqa arrived in torch 2.5 (rule SDPA-GQA-TORCH)
 
 
-class NotGrouped(RuntimeError):
+class NotGrouped(NotApplicable):
     """The model has no grouped-query attention (or no SDPA attention) to change."""
 
 

@@ -177,6 +177,8 @@ class Bench:
             # calibrate on runs whose estimate is not mostly the fixed CUDA-context allowance
             if peak and t.estimate_gib and t.estimate_gib - CUDA_CONTEXT / GIB >= 0.25:
                 self.calibration.append(peak / (t.estimate_gib - CUDA_CONTEXT / GIB))
+        elif t.status != STATUS_OK and result.get("not_applicable"):  # its option changes nothing here (worker: NotApplicable)
+            t.status, t.reason = "not measured", str(result.get("error", "")).split(": ", 1)[-1][:300]
         elif t.status != STATUS_OK:
             t.status = st or "error"
             t.reason = result.get("error", "")

@@ -38,8 +38,7 @@ from .judge import Judge
 from .measure import Bench
 from .config import launch_command
 from .facts import UNKNOWN
-from .fuse import NothingToFuse, may_fuse
-from .gqa import NotGrouped
+from .fuse import may_fuse
 from .memory import BYTES
 from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, gqa_applies, regime
 from .trial import STATUS_OK, Trial
@@ -213,7 +212,7 @@ class Search:
         screened = bench.screen(seen) if len(seen) > 1 else False
         if screened:
             for t in seen:
-                if str(t.screen.get("error", "")).startswith((NothingToFuse.__name__, NotGrouped.__name__)):  # the plain candidate is the same one
+                if t.screen.get("not_applicable"):  # nothing to fuse, no grouped heads: the plain candidate is the same one
                     t.status, t.reason = "not measured", str(t.screen["error"]).split(": ", 1)[-1][:300]
                 elif t.screen.get("status") != STATUS_OK:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]

@@ -333,10 +333,17 @@ def _load(torch: Any, model_path: str, cfg: dict[str, Any]) -> tuple[Any, Any, i
 
 
 def _failure(e: BaseException, limit: int) -> dict[str, Any]:
-    """An exception as a result's fields: its first line, and whether it was out of memory."""
+    """An exception as a result's fields: its first line, whether it was out of memory, and
+    whether the candidate's option changes nothing in this model (:class:`autotune.errors.NotApplicable`:
+    nothing to fuse, no grouped heads)."""
+    from .errors import NotApplicable
+
     text = f"{type(e).__name__}: {e}".strip().splitlines()
     error = text[0][:limit] if text else type(e).__name__
-    return {"error": error, "oom": "out of memory" in error.lower() or type(e).__name__ == "OutOfMemoryError"}
+    out = {"error": error, "oom": "out of memory" in error.lower() or type(e).__name__ == "OutOfMemoryError"}
+    if isinstance(e, NotApplicable):
+        out["not_applicable"] = True
+    return out
 
 
 def _finite(torch: Any, logits: Any) -> bool:

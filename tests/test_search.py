@@ -78,9 +78,11 @@ class RegimeRunner:
 
     def screened(self, s: dict[str, Any]) -> dict[str, Any]:
         if fused(s["config"]) and self.nothing_to_fuse:
-            return {"label": s["label"], "status": "error", "error": "NothingToFuse: nothing to fuse in GPT2LMHeadModel (no sibling q/k/v or gate/up projections)"}
+            return {"label": s["label"], "status": "error", "error": "NothingToFuse: nothing to fuse in GPT2LMHeadModel (no sibling q/k/v or gate/up projections)",
+                    "not_applicable": True}
         if grouped(s["config"]) and self.not_grouped:
-            return {"label": s["label"], "status": "error", "error": "NotGrouped: no grouped-query attention in GPTBigCodeForCausalLM (as many key/value heads as query heads)"}
+            return {"label": s["label"], "status": "error", "error": "NotGrouped: no grouped-query attention in GPTBigCodeForCausalLM (as many key/value heads as query heads)",
+                    "not_applicable": True}
         ms = 1000 / COMPILED[key(s["config"])] * self.screen_noise.get(key(s["config"]), 1.0) / self.gain(s["config"])
         return {"label": s["label"], "status": "ok", "step_ms": ms}
 
