@@ -17,11 +17,21 @@ a normed copy) computes its own slice of the weight. So every part returns exact
 computed changes, so results differ from the unfused model by matmul rounding, as another
 kernel's would. The kept product is dropped once each sibling has taken its slice.
 
-Fused: groups whose modules are all plain ``nn.Linear`` with plain tensors (no bitsandbytes,
-torchao or other quantized weights, nothing on the meta device or offloaded by accelerate's
-hooks), with the same input size, dtype, device and bias presence. Everything else stays as
-loaded. The rewritten model is for inference: its state dict names the fused weights
-(``<parent>.fused_q_proj_k_proj_v_proj.weight``), so save the model before fusing.
+Fused: groups whose modules are all plain ``nn.Linear`` with plain tensors (nothing on the meta
+device or offloaded by accelerate's hooks), with the same input size, dtype, device and bias
+presence; and groups that transformers quantized with torchao on loading (``TorchAoConfig``).
+torchao's weights are tensor subclasses that do not concatenate (``aten.cat`` is not among their
+ops in torchao 0.18), and quantizing a dequantized weight again does not give back the same
+values, so a torchao group is rebuilt from the checkpoint: its parts' unquantized weights are
+read from the model's safetensors, concatenated and quantized with the config transformers
+used (:func:`_torchao_group`). Weight-only configs scale each output row (int8, float8 per row)
+or each group of one row's inputs (int4), so the fused weight's rows are the parts' rows; that
+is checked, not assumed: the fused weight's slice of each part must hold the part's quantized
+data bit for bit, or the group stays as loaded (a per-tensor scale, for one, would differ).
+bitsandbytes' modules, checkpoints saved already quantized, and models whose checkpoint is not
+a local safetensors folder stay as loaded. The rewritten model is for inference: its state dict
+names the fused weights (``<parent>.fused_q_proj_k_proj_v_proj.weight``), so save the model
+before fusing.
 """
 
 from __future__ import annotations
@@ -67,12 +77,16 @@ def classes() -> tuple[type, type]:
     nn, F = torch.nn, torch.nn.functional
 
     class FusedLinear(nn.Module):
-        """The concatenated weight (and bias) of one group, and the product it computed last."""
+        """The concatenated weight (and bias) of one group, and the product it computed last.
+        ``weight``: the concatenated weight when it was built elsewhere (torchao's, quantized
+        whole); by default the parts' weights are concatenated here."""
 
-        def __init__(self, linears: list[Any]) -> None:
+        def __init__(self, linears: list[Any], weight: Any = None) -> None:
             super().__init__()
             with torch.no_grad():
-                self.weight = nn.Parameter(torch.cat([m.weight for m in linears], 0), requires_grad=False)
+                if weight is None:
+                    weight = torch.cat([m.weight for m in linears], 0)
+                self.weight = nn.Parameter(weight, requires_grad=False)
                 bias = [m.bias for m in linears]
                 self.bias = nn.Parameter(torch.cat(bias, 0), requires_grad=False) if bias[0] is not None else None
             self.in_features = linears[0].in_features
@@ -128,10 +142,25 @@ def _plain(m: Any) -> bool:
     return all(type(t.detach()) is torch.Tensor and t.device.type != "meta" for t in tensors)
 
 
+def _torchao(m: Any) -> bool:
+    """An ``nn.Linear`` that torchao's ``quantize_`` rewrote: the module stays, its weight becomes
+    one of torchao's tensor subclasses (``Int8Tensor``, ``Int4TilePackedTo4dTensor``, ...); its
+    bias stays a plain tensor."""
+    import torch
+
+    if type(m) is not torch.nn.Linear or hasattr(m, "_hf_hook"):
+        return False
+    w = m.weight.detach()
+    plain_bias = m.bias is None or type(m.bias.detach()) is torch.Tensor
+    return type(w).__module__.startswith("torchao.") and w.device.type != "meta" and plain_bias
+
+
 def why_not(linears: list[Any]) -> str | None:
-    """Why a group cannot be fused (None: it can)."""
-    if not all(_plain(m) for m in linears):
-        return "not plain nn.Linear weights (quantized, offloaded or on the meta device)"
+    """Why a group cannot be fused (None: it can, as plain weights or as torchao's)."""
+    if not (all(_plain(m) for m in linears) or all(_torchao(m) for m in linears)):
+        return "not plain nn.Linear weights (quantized other than by torchao, offloaded or on the meta device)"
+    if len({type(m.weight.detach()) for m in linears}) > 1:
+        return "torchao weights of different kinds"
     first = linears[0]
     if any(m.in_features != first.in_features for m in linears):
         return "different input sizes"
@@ -152,6 +181,7 @@ def fuse_projections(model: Any, groups: tuple[tuple[str, ...], ...] = GROUPS) -
     FusedLinear, FusedPart = classes()
     fused: list[str] = []
     skipped: dict[str, str] = {}
+    source: _Source | None = None  # read once, at the first torchao group
     for path, parent in list(model.named_modules()):
         for names in groups:
             if not all(isinstance(getattr(parent, n, None), torch.nn.Module) for n in names):
@@ -159,10 +189,14 @@ def fuse_projections(model: Any, groups: tuple[tuple[str, ...], ...] = GROUPS) -
             linears = [getattr(parent, n) for n in names]
             where = f"{path}.{'/'.join(names)}" if path else "/".join(names)
             reason = why_not(linears)
+            weight = None
+            if not reason and _torchao(linears[0]):
+                source = source or _Source(model)
+                weight, reason = _torchao_group(linears, [f"{path}.{n}" if path else n for n in names], source)
             if reason:
                 skipped[where] = reason
                 continue
-            whole = FusedLinear(linears)
+            whole = FusedLinear(linears, weight)
             parent.add_module("fused_" + "_".join(names), whole)
             start = 0
             for n, m in zip(names, linears):
@@ -170,3 +204,114 @@ def fuse_projections(model: Any, groups: tuple[tuple[str, ...], ...] = GROUPS) -
                 start += m.out_features
             fused.append(where)
     return {"fused": fused, "skipped": skipped}
+
+
+class _Source:
+    """Where a model that transformers quantized with torchao keeps what its fused weights are
+    quantized from: the torchao config transformers applied (``TorchAoConfig``'s
+    ``get_apply_tensor_subclass()``, what its loader hands ``quantize_``) and the checkpoint's
+    unquantized tensors by name. ``why``: why there is none (None: there is)."""
+
+    def __init__(self, model: Any) -> None:
+        self.config: Any = None
+        self.files: dict[str, Any] = {}
+        self.prefix = str(getattr(model, "base_model_prefix", "") or "")
+        self.why = self._read(model)
+
+    def _read(self, model: Any) -> str | None:
+        from pathlib import Path
+
+        quantizer = getattr(model, "hf_quantizer", None)
+        qc = getattr(quantizer, "quantization_config", None)
+        if str(getattr(getattr(qc, "quant_method", None), "value", getattr(qc, "quant_method", None))) != "torchao":
+            return "torchao weights that transformers did not quantize on loading (no TorchAoConfig to quantize the fused weight with)"
+        if getattr(quantizer, "pre_quantized", False):
+            return "the checkpoint holds torchao's quantized weights, not the unquantized ones to fuse and quantize"
+        self.config = qc.get_apply_tensor_subclass()
+        if type(self.config).__name__ == "FqnToConfig":
+            return "a torchao config per module (FqnToConfig): which one a fused weight takes is not defined"
+        folder = Path(str(getattr(model, "name_or_path", "") or ""))
+        if not folder.is_dir():
+            try:  # a hub id: its snapshot in the local cache, as from_pretrained read it
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(str(folder), local_files_only=True))
+            except Exception:  # noqa: BLE001 - not a hub id, or not cached: say so below
+                return f"no local checkpoint folder for {folder} to read the unquantized weights from"
+        from safetensors import safe_open
+
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                self.files.update((k, f) for k in h.keys())
+        return None if self.files else f"no safetensors in {folder} to read the unquantized weights from"
+
+    def tensor(self, name: str) -> Any:
+        """The checkpoint's tensor for the model's parameter ``name`` (None: not there). A
+        checkpoint of the base model names it without the prefix (``layers.0...``), one of a
+        head model with it (``model.layers.0...``)."""
+        from safetensors import safe_open
+
+        p = self.prefix + "."
+        for key in (name, name[len(p):] if self.prefix and name.startswith(p) else None, p + name if self.prefix else None):
+            if key and key in self.files:
+                with safe_open(str(self.files[key]), framework="pt") as h:
+                    return h.get_tensor(key)
+        return None
+
+
+def _same_quantized(a: Any, b: Any) -> bool:
+    """Whether two torchao tensors hold the same quantized data: kind, shape and every inner
+    tensor (``__tensor_flatten__``: qdata, scales, zeros) equal bit for bit."""
+    import torch
+
+    if type(a) is not type(b) or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    names_a, names_b = a.__tensor_flatten__()[0], b.__tensor_flatten__()[0]
+    if list(names_a) != list(names_b):
+        return False
+    for n in names_a:
+        x, y = getattr(a, n), getattr(b, n)
+        if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
+            return False
+    return True
+
+
+def _torchao_group(linears: list[Any], paths: list[str], source: _Source) -> tuple[Any, str | None]:
+    """A torchao group's fused weight: the parts' unquantized weights read from the checkpoint,
+    concatenated, cast as transformers cast them (the weight's dtype) and quantized with the
+    config transformers used. Returns (the quantized weight, None), or (None, why not) where the
+    checkpoint lacks a part or the fused weight's rows are not the parts' quantized alone."""
+    import torch
+
+    if source.why:
+        return None, source.why
+    first = linears[0]
+    dtype, device = first.weight.dtype, first.weight.device
+    rows = []
+    for path, m in zip(paths, linears):
+        t = source.tensor(path + ".weight")
+        if t is None:
+            return None, "a part's weight is not in the checkpoint under its name (its unquantized weights are needed)"
+        if tuple(t.shape) != (m.out_features, m.in_features):
+            return None, "a part's weight in the checkpoint is not the shape of the model's"
+        rows.append(t.to(device=device, dtype=dtype))
+    from torchao.quantization import quantize_
+
+    whole = torch.nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=False, device="meta")
+    with torch.no_grad():
+        whole.weight = torch.nn.Parameter(torch.cat(rows, 0), requires_grad=False)
+        del rows
+        quantize_(whole, source.config)
+        w = whole.weight.detach()
+        start = 0
+        for m in linears:
+            stop = start + m.out_features
+            try:
+                piece = w[start:stop]
+            except Exception as e:  # noqa: BLE001 - a torchao kind without aten.slice: the rows cannot be checked
+                return None, f"torchao's {type(w).__name__} cannot be sliced to check its rows ({type(e).__name__})"
+            if not _same_quantized(piece, m.weight.detach()):
+                return None, (f"quantized as one, a part's rows are not what quantizing it alone gave "
+                              f"({type(source.config).__name__}: a scale shared across rows?)")
+            start = stop
+    return w, None

@@ -143,15 +143,15 @@ class Search:
 
     def variant(self, stage: str, t: Trial, *, loop: Any = "same", mode: Any = "same", quant: str | None = None, fuse: Any = "same",
                 gqa: Any = "same") -> Trial:
-        """``t`` with another decode loop, compile mode or torchao quantization (unfused: its
-        linears are no plain ones; its attention as ``t``'s), placed anew."""
+        """``t`` with another decode loop, compile mode or torchao quantization (its fused
+        projections and attention as ``t``'s unless told), placed anew."""
         fp = t.config["from_pretrained"]
         rt, gen = t.config["runtime"], t.config["generate"]
         return self.space.make(stage, fp["dtype"] if not quant else "bfloat16", fp.get("attn_implementation") or "sdpa",
                                backend=rt.get("sdpa_backend"), cache=gen.get("cache_implementation"), compile_=not gen.get("disable_compile"),
                                quant=quant, loop=rt.get("decode_loop") if loop == "same" else loop,
                                compile_mode=(gen.get("compile_config") or {}).get("mode") if mode == "same" else mode,
-                               fuse=(bool(rt.get("fuse_projections")) if fuse == "same" else fuse) and not quant,  # quantized linears do not fuse
+                               fuse=bool(rt.get("fuse_projections")) if fuse == "same" else fuse,
                                gqa=bool(rt.get("sdpa_gqa")) if gqa == "same" else gqa)
 
     def compiled_search(self, baseline: Trial) -> bool:
@@ -327,8 +327,16 @@ class Search:
         lead = self.compiled_leader()
         if lead is None:
             return
-        trials = self.bench.add([self.variant("weight quantization", lead, quant=q) for q in TORCHAO_KINDS])
+        # fused where the leader is: autotune.fuse quantizes each torchao group's weights whole,
+        # from the checkpoint; where it cannot (a checkpoint saved quantized, a scale across rows)
+        # the worker finds nothing to fuse, and the kind is measured unfused instead
+        kinds = {q: self.variant("weight quantization", lead, quant=q) for q in TORCHAO_KINDS}
+        trials = self.bench.add(kinds.values())
         self.launch_and_measure(trials)
+        unfused = [self.variant("weight quantization", lead, quant=q, fuse=False) for q, t in kinds.items()
+                   if t in trials and t.status == "not measured" and t.config["runtime"].get("fuse_projections")]
+        if unfused:
+            self.launch_and_measure(self.bench.add(unfused))
 
     def launch_and_measure(self, trials: list[Trial]) -> None:
         """Compile ``trials`` side by side where they fit together (beside nothing else: the held

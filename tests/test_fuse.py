@@ -93,15 +93,13 @@ def test_a_sibling_given_another_input_computes_its_own_rows():
         torch.testing.assert_close(v, lin[2](enc))
 
 
-def test_what_is_not_plain_nn_linear_is_left_as_loaded(llama32, caplog):
-    pytest.importorskip("torchao")
-    cfg = {"from_pretrained": {"dtype": "float32", "device_map": "cpu", "quantization_config": {
-        "quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {}}}}},
-        "generate": {}, "runtime": {"fuse_projections": True}}
-    with caplog.at_level(logging.WARNING, logger="autotune"):
-        m = load(llama32, cfg)
-    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "Linear"
-    assert any("nothing fused" in r.getMessage() and "quantized" in r.getMessage() for r in caplog.records)
+def test_what_is_not_plain_nn_linear_is_left_as_loaded():
+    class QuantLinear(torch.nn.Linear):  # a quantizer's own module (bitsandbytes' Linear8bitLt is one)
+        pass
+
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = QuantLinear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    assert fuse_projections(parent)["fused"] == [] and "not plain nn.Linear" in fuse_projections(parent)["skipped"]["q_proj/k_proj/v_proj"]
     # mixed sizes of input, or a bias on one sibling only: not one matmul
     parent = torch.nn.Module()
     parent.gate_proj, parent.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=True)
@@ -175,3 +173,67 @@ def test_other_architectures_give_the_same_logits(arch, groups):
         want = model(ids, attention_mask=mask).logits
         assert len(fuse_projections(model)["fused"]) == groups
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- torchao: each group quantized whole, from the checkpoint's unquantized weights
+
+def _torchao(kind="Int8WeightOnlyConfig", data=None, fuse=True, dtype="float32"):
+    q = {"quant_method": "torchao", "quant_type": {"default": {"_type": kind, "_version": 2, "_data": data or {}}}}
+    return {"from_pretrained": {"dtype": dtype, "device_map": "cpu", "quantization_config": q}, "generate": {}, "runtime": {"fuse_projections": fuse}}
+
+
+def test_torchao_groups_are_quantized_whole_and_hold_each_parts_quantized_rows(llama32):
+    pytest.importorskip("torchao")
+    from autotune.fuse import _same_quantized
+
+    plain, fused = load(llama32, _torchao(fuse=False)), load(llama32, _torchao())
+    for i in range(2):
+        a, b = plain.model.layers[i], fused.model.layers[i]
+        whole = b.self_attn.fused_q_proj_k_proj_v_proj.weight
+        assert type(whole).__name__ == "Int8Tensor" and tuple(whole.shape) == (64 + 2 * 32, 64), "quantized once, as one weight"
+        for name in ("q_proj", "k_proj", "v_proj"):
+            part, alone = getattr(b.self_attn, name).weight, getattr(a.self_attn, name).weight.detach()
+            assert _same_quantized(part, alone), f"layer {i} {name}: the fused rows are what quantizing it alone gave"
+        for name in ("gate_proj", "up_proj"):
+            assert _same_quantized(getattr(b.mlp, name).weight, getattr(a.mlp, name).weight.detach())
+    assert not _same_quantized(fused.model.layers[0].mlp.gate_proj.weight, plain.model.layers[0].mlp.up_proj.weight.detach()), "the check can fail"
+    assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 4
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+        assert torch.equal(fused.generate(ids, **kw), plain.generate(ids, **kw))
+
+
+def test_a_torchao_scale_shared_across_rows_leaves_the_groups_as_loaded(llama32, caplog):
+    pytest.importorskip("torchao")
+    per_tensor = {"granularity": {"_type": "PerTensor", "_version": 1, "_data": {}}}
+    with caplog.at_level(logging.WARNING, logger="autotune"):
+        m = load(llama32, _torchao("Float8WeightOnlyConfig", per_tensor))
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert any("nothing fused" in r.getMessage() and "a scale shared across rows" in r.getMessage() for r in caplog.records)
+    per_row = load(llama32, _torchao("Float8WeightOnlyConfig"))  # the default granularity: one scale a row
+    assert type(per_row.model.layers[0].self_attn.q_proj).__name__ == "FusedPart"
+
+
+def test_torchao_groups_without_the_unquantized_checkpoint_are_left_as_loaded(llama32, tmp_path):
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForCausalLM
+
+    from autotune.fuse import NothingToFuse
+    from autotune.worker import _failure
+
+    m = load(llama32, _torchao(fuse=False))
+    m.save_pretrained(tmp_path / "saved-quantized")  # torchao's tensors in the safetensors
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved-quantized", device_map="cpu")
+    report = fuse_projections(again)
+    assert report["fused"] == [] and set(report["skipped"].values()) == {
+        "the checkpoint holds torchao's quantized weights, not the unquantized ones to fuse and quantize"}
+    m.name_or_path = str(tmp_path / "gone")
+    assert set(fuse_projections(m)["skipped"].values()) == {f"no local checkpoint folder for {tmp_path / 'gone'} to read the unquantized weights from"}
+    # the worker's strict load: not this candidate's to run, said as such in its result
+    with pytest.raises(NothingToFuse) as e:
+        from autotune.config import apply_model_transforms
+
+        apply_model_transforms(again, _torchao(), strict=True)
+    assert _failure(e.value, 300)["not_applicable"] is True and "not_applicable" not in _failure(RuntimeError("x"), 300)

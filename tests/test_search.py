@@ -761,7 +761,7 @@ def test_no_fused_candidates_for_a_checkpoint_without_siblings_or_when_told_neve
         tuned(llama, RegimeRunner(), fuse_projections="always")
 
 
-def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
+def test_torchao_variants_of_a_fused_leader_are_fused(llama, tmp_path):
     from autotune.profiles import apply_overrides
 
     facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
@@ -770,7 +770,34 @@ def test_torchao_variants_of_a_fused_leader_are_unfused(llama, tmp_path):
     lead = next(t for t in r.trials if t.label == BF16 + " sync-free-loop fused-projections")
     assert lead.status == "ok"
     quant = [t for t in r.trials if t.stage == "weight quantization"]
-    assert quant and not any(fused(t.config) for t in quant), "a quantized linear is no plain one: nothing of it fuses"
+    assert len(quant) == len(TORCHAO) and all(fused(t.config) and t.status in ("ok", "lossy") for t in quant), [(t.label, t.status) for t in quant]
+    assert "torchao-int8wo" in r.pick.label and fused(r.pick.config), r.pick.label
+
+
+class QuantNotFusedRunner(QuantRunner):
+    """A worker that finds nothing to fuse in a torchao model (its checkpoint was saved quantized)."""
+
+    def run(self, spec):
+        if spec["config"]["from_pretrained"].get("quantization_config") and fused(spec["config"]):
+            self.specs.append(spec)
+            return {"label": spec["label"], "status": "error", "not_applicable": True,
+                    "error": "NothingToFuse: nothing to fuse in LlamaForCausalLM (the checkpoint holds torchao's quantized weights, not the unquantized ones to fuse and quantize)"}
+        return super().run(spec)
+
+
+def test_torchao_kinds_that_do_not_fuse_are_measured_unfused_instead(llama, tmp_path):
+    from autotune.profiles import apply_overrides
+
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    r = Tuner(llama, facts=facts, workload=WORKLOAD, runner=QuantNotFusedRunner(tmp_path, fuse_gain=1.15), check_capacity=False,
+              quantization="always").run()
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    tried = [t for t in quant if fused(t.config)]
+    assert len(tried) == len(TORCHAO) and all(t.status == "not measured" and t.reason.startswith("nothing to fuse") for t in tried), \
+        [(t.status, t.reason) for t in tried]
+    again = [t for t in quant if not fused(t.config)]
+    assert len(again) == len(TORCHAO) and all(t.status in ("ok", "lossy") for t in again), [(t.label, t.status) for t in again]
+    assert "torchao-int8wo" in r.pick.label and not fused(r.pick.config), r.pick.label
 
 
 # ---- SDPA's own grouped-query attention (runtime.sdpa_gqa): beside each SDPA candidate, ranked by the screen
@@ -795,7 +822,7 @@ def test_sdpa_gqa_is_screened_beside_each_sdpa_candidate_and_picked_when_faster(
     assert plain.status == "not measured" and "screened out" in plain.reason
 
 
-def test_torchao_variants_keep_the_leaders_attention(llama, tmp_path):
+def test_torchao_variants_keep_the_leaders_attention_and_fusing(llama, tmp_path):
     from autotune.profiles import apply_overrides
 
     facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
@@ -804,7 +831,7 @@ def test_torchao_variants_keep_the_leaders_attention(llama, tmp_path):
     lead = next(t for t in r.trials if t.label == "bfloat16 sdpa sdpa-gqa static-cache+compile sync-free-loop fused-projections")
     assert lead.status == "ok"
     quant = [t for t in r.trials if t.stage == "weight quantization"]
-    assert quant and all(grouped(t.config) and not fused(t.config) for t in quant), [t.label for t in quant]
+    assert quant and all(grouped(t.config) and fused(t.config) for t in quant), [t.label for t in quant]
 
 
 def test_sdpa_gqa_on_the_unfused_model_wins_where_fusing_is_slower(llama):
