@@ -7,6 +7,8 @@ model, batch 1, prompt 512, 128 new tokens, greedy.
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --quant 'torchao-int4wo:{"group_size": 256}' --out DIR
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b \
         --quant '{"_type": "UIntxWeightOnlyConfig", "_version": 1, "_data": {"bit_width": 4, "group_size": 128}}' --out DIR   # gemlite's kernels (its wheel too)
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_graphs.py --shape 7b --skip-transformers --steps 1 --fuse --sdpa-gqa --skip-unfused \
+        --quant torchao-int4wo --out DIR   # bf16 and int4, each fused and with SDPA's GQA
 
 Each row: warm-up calls (the first compiles), then the median of 5 timed generates; decode
 tok/s from the first new token (a synchronised hook) to the end. Every row's tokens are
@@ -123,14 +125,15 @@ def main() -> None:
                     help="more loop rows (graph_steps=1; bf16 and each --quant), each compiled with these inductor options as "
                          "generate.compile_config.options, e.g. '{\"freezing\": true}' (triton.cudagraphs is added: the loop's own graph)")
     ap.add_argument("--fuse", action="store_true",
-                    help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (runtime.fuse_projections)")
-    ap.add_argument("--skip-unfused", action="store_true", help="with --fuse: no rows of the model as loaded")
+                    help="run the bf16 rows a second time on the model with q/k/v and gate/up fused (runtime.fuse_projections); "
+                         "each --quant also (torchao's groups quantized whole from the checkpoint)")
+    ap.add_argument("--skip-unfused", action="store_true", help="with --fuse: no rows of the model as loaded (nor of each --quant unfused)")
     ap.add_argument("--backend", action="append", default=[], metavar="NAME",
                     help="run the bf16 rows again with SDPA forced to this backend (runtime.sdpa_backend: cudnn, efficient, math, "
                          "flash), on the fused model where --fuse is given")
     ap.add_argument("--sdpa-gqa", action="store_true",
                     help="run the bf16 rows again with runtime.sdpa_gqa (SDPA's enable_gqa instead of repeat_kv, autotune.gqa), "
-                         "on the fused model where --fuse is given")
+                         "on the fused model where --fuse is given; each --quant also")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     T0 = time.perf_counter()
@@ -189,7 +192,7 @@ def main() -> None:
         if fuse:
             from autotune.fuse import classes
 
-            res.setdefault("fused_groups", sum(isinstance(m, classes()[0]) for m in model.modules()))
+            res.setdefault("fused_groups", {})[name] = sum(isinstance(m, classes()[0]) for m in model.modules())  # per variant: torchao's may fuse fewer
         load_s = time.perf_counter() - t
         ref = None
         for label, loop in rows:
@@ -238,7 +241,12 @@ def main() -> None:
         variant(f"{args.dtype} sdpa:{b}" + (" fused" if args.fuse else ""), None, plain_rows, fuse=args.fuse, backend=b)
     for q in args.quant:
         qs = [int(s) for s in args.quant_steps.split(",") if s != ""]
-        variant(f"{args.dtype} sdpa {q}", q, [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more)
+        q_rows = [(f"sync-free graph_steps={k}", {"graph_steps": k}) for k in qs] + more
+        if not (args.fuse and args.skip_unfused):
+            variant(f"{args.dtype} sdpa {q}", q, q_rows)
+        if args.fuse or args.sdpa_gqa:  # torchao's groups fused from the checkpoint (autotune.fuse), as the bf16 rows
+            variant(f"{args.dtype} sdpa {q}" + (" sdpa-gqa" if args.sdpa_gqa else "") + (" fused" if args.fuse else ""), q, q_rows,
+                    fuse=args.fuse, gqa=args.sdpa_gqa)
     from autotune import decode
 
     res["decode_stats"] = dict(decode.stats)

@@ -39,7 +39,8 @@ def llama_config(shape: dict | None = None):
 
 
 def build(path: Path, shape: dict | None = None) -> Path:
-    """A random Llama of ``shape`` (default: the 1.1 B one), initialised on the GPU, saved in bf16."""
+    """A random Llama of ``shape`` (default: the 1.1 B one), initialised on the GPU (on the CPU
+    where there is none), saved in bf16."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -47,7 +48,7 @@ def build(path: Path, shape: dict | None = None) -> Path:
 
     cfg = llama_config(shape)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
     del model
