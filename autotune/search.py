@@ -40,7 +40,7 @@ from .config import launch_command
 from .facts import UNKNOWN
 from .fuse import may_fuse
 from .memory import BYTES
-from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, gqa_applies, regime
+from .space import DTYPES, TORCHAO_KINDS, Space, attention_options, regime, transforms
 from .trial import STATUS_OK, Trial
 
 # A stage of the eager search carries forward the simplest option within this fraction of the
@@ -161,7 +161,7 @@ class Search:
         loop = self.loop()
         # each also with its sibling projections fused (q/k/v, gate/up: one matmul each), where the
         # checkpoint has such siblings (or its tensor names are unknown): the screen ranks them too
-        fuse = (False, True) if self.fuse_projections == "auto" and may_fuse(sp.model) else (False,)
+        fuse = self.fuse_projections == "auto" and may_fuse(sp.model)
         # and SDPA with its own grouped-query attention where the model groups its query heads (a
         # static cache always passes a mask, so transformers copies the keys and values per query
         # head instead: runtime.sdpa_gqa, autotune.gqa), fused and not: which of those is faster
@@ -169,8 +169,7 @@ class Search:
         # at batch 8, while GQA took 9 % and 33 % off the fused step; docs/gpu/h200-s17-tune-7b*.json)
         gqa = self.sdpa_gqa == "auto" and sp.model.gqa is True
         cands = [sp.make("compiled", d, a, backend=b, cache="static", compile_=True, loop=loop, fuse=f, gqa=g)
-                 for d in dtypes for a, b in options for f in fuse
-                 for g in ((False, True) if gqa and gqa_applies(a, b) else (False,))]
+                 for d in dtypes for a, b in options for f, g in transforms(a, b, fuse=fuse, gqa=gqa)]
         bench.add([baseline])
         cands = bench.add(cands)
         live = [t for t in cands if t.status != "dropped"]

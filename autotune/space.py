@@ -213,16 +213,23 @@ def full_space(device: str, half: str, workload: Workload, fixed: dict[str, str]
         for attn, backend in attention_options(device, workload, fixed):
             for cache, comp in caches:
                 compiled = bool(cache and comp and device == "cuda")  # what compiling adds: the decode loop, the compile modes, fused projections
-                for f in (False, True) if fuse and compiled else (False,):
-                    for g in (False, True) if gqa and compiled and gqa_applies(attn, backend) else (False,):
-                        for mode, loop in ((None, None), *(COMPILE_VARIANTS if compiled else ())):
-                            yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=f, gqa=g)
+                for f, g in transforms(attn, backend, fuse=fuse and compiled, gqa=gqa and compiled):
+                    for mode, loop in ((None, None), *(COMPILE_VARIANTS if compiled else ())):
+                        yield candidate_config(dtype, attn, backend=backend, cache=cache, compile_=comp, loop=loop, compile_mode=mode, fuse=f, gqa=g)
 
 
 def gqa_applies(attn: str, backend: str | None) -> bool:
     """Whether runtime.sdpa_gqa goes with this attention and SDPA backend: SDPA's, on a backend that
     takes grouped heads with a mask (not forced to flash or efficient: rule SDPA-GQA-BACKEND)."""
     return attn == "sdpa" and backend not in ("flash", "efficient")
+
+
+def transforms(attn: str, backend: str | None, *, fuse: bool, gqa: bool) -> list[tuple[bool, bool]]:
+    """The (fuse_projections, sdpa_gqa) pairs a compiled candidate of this attention is tried with,
+    the tune's screen and the oracle alike: each with and without fusing where ``fuse``, each also
+    with SDPA's GQA where ``gqa`` and :func:`gqa_applies`."""
+    return [(f, g) for f in ((False, True) if fuse else (False,))
+            for g in ((False, True) if gqa and gqa_applies(attn, backend) else (False,))]
 
 
 # A compiled static cache's variants beyond transformers' default (CompileConfig mode reduce-overhead,
