@@ -5,7 +5,7 @@ loaded and fused, alternately; then one forward of both on the same tokens. Runs
 (int8 weight-only has CPU kernels; int4's tile-packed layout needs CUDA: pass --kind int4 there).
 
     python benchmarks/torchao_fuse_load.py --out docs/cpu/torchao-fuse-load-1.1b.json
-    PYTHONPATH=/tmp/site:. python3 benchmarks/torchao_fuse_load.py --kind int4 --device cuda --out DIR/x.json   # on a GPU
+    PYTHONPATH=/tmp/site:. python3 benchmarks/torchao_fuse_load.py --shape 7b --model /tmp/llama-7b --kind int4 --device cuda --out DIR/x.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="1.1b")
+    ap.add_argument("--model", help="the model folder (built there at --shape if missing; default: a temporary one)")
     ap.add_argument("--kind", choices=["int8", "int4"], default="int8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=2)
@@ -46,7 +47,7 @@ def main() -> None:
                  "transformers": transformers.__version__, "torchao": torchao.__version__, "cpu": platform.processor() or platform.machine(),
                  "threads": torch.get_num_threads(), "load_s": {"as loaded": [], "fused": []}}
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "model"
+        path = Path(args.model) if args.model else Path(d) / "model"
         build(path, SHAPES[args.shape])
         models = {}
         for fuse in [False, True] * args.reps:
