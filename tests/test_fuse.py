@@ -11,7 +11,7 @@ import pytest
 from autotune.config import ConfigError, load, parse_config
 from autotune.fuse import GROUPS, fuse_projections, groups_in
 
-from .conftest import save_tiny_llama
+from .conftest import gpu_present, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 
@@ -237,3 +237,35 @@ def test_torchao_groups_without_the_unquantized_checkpoint_are_left_as_loaded(ll
 
         apply_model_transforms(again, _torchao(), strict=True)
     assert _failure(e.value, 300)["not_applicable"] is True and "not_applicable" not in _failure(RuntimeError("x"), 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_present() or not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("kind", ["torchao-int8wo", "torchao-int4wo", "torchao-float8dq"])
+def test_gpu_torchao_kinds_fuse_with_the_parts_rows_and_their_outputs(tmp_path_factory, kind):
+    """The tune's torchao kinds on the GPU (int4's tile-packed layout is CUDA only), fused as
+    the tune loads them: every group fuses, each part's quantized rows are the unfused model's,
+    and the outputs agree (the kernels see other matrix shapes, so not bit for bit)."""
+    pytest.importorskip("torchao")
+    if kind == "torchao-float8dq" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm89+")
+    from autotune.fuse import _same_quantized
+    from autotune.space import TORCHAO_KINDS
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("ao-gpu"), dtype="bfloat16", hidden_size=256, intermediate_size=512, vocab_size=512)
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS[kind]}}
+
+    def cfg(fuse):
+        return {"from_pretrained": {"dtype": "bfloat16", "device_map": {"": 0}, "quantization_config": q}, "generate": {},
+                "runtime": {"fuse_projections": fuse}}
+
+    plain, fused = load(folder, cfg(False)), load(folder, cfg(True))
+    assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 2 * 2
+    for a, b in zip(plain.model.layers, fused.model.layers):
+        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            for n in names:
+                assert _same_quantized(getattr(getattr(b, parent), n).weight, getattr(getattr(a, parent), n).weight.detach()), (parent, n)
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        la, lb = plain(ids).logits.float(), fused(ids).logits.float()
+    assert (la - lb).abs().max() <= 0.02 * la.abs().max(), float((la - lb).abs().max())
