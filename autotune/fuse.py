@@ -23,7 +23,7 @@ presence; and groups that transformers quantized with torchao on loading (``Torc
 torchao's weights are tensor subclasses that do not concatenate (``aten.cat`` is not among their
 ops in torchao 0.18), and quantizing a dequantized weight again does not give back the same
 values, so a torchao group is rebuilt from the checkpoint: its parts' unquantized weights are
-read from the model's safetensors, concatenated and quantized with the config transformers
+read from the model's safetensors into one weight and quantized with the config transformers
 used (:func:`_torchao_group`). Weight-only configs scale each output row (int8, float8 per row)
 or each group of one row's inputs (int4), so the fused weight's rows are the parts' rows; that
 is checked, not assumed: the fused weight's slice of each part must hold the part's quantized
@@ -279,8 +279,9 @@ def _same_quantized(a: Any, b: Any) -> bool:
 def _torchao_group(linears: list[Any], paths: list[str], source: _Source) -> tuple[Any, str | None]:
     """A torchao group's fused weight: the parts' unquantized weights read from the checkpoint into
     one weight of the parts' dtype on their device (the only unquantized copy held: 180 MB for a
-    7 B Llama's gate/up in bf16) and quantized with the config transformers used. Returns (the quantized weight, None), or (None, why not) where the
-    checkpoint lacks a part or the fused weight's rows are not the parts' quantized alone."""
+    7 B Llama's gate/up in bf16) and quantized with the config transformers used. Returns (the
+    quantized weight, None), or (None, why not) where the checkpoint lacks a part or the fused
+    weight's rows are not the parts' quantized alone."""
     import torch
 
     if source.why:
