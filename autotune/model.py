@@ -78,6 +78,9 @@ class ModelSpec:
             return self.gqa
         if name == "architecture":
             return self.architectures[0] if self.architectures else UNKNOWN
+        if name == "quant_method":  # how the checkpoint was saved quantized (config.json); None: not quantized
+            q = self.quantization
+            return str(q.get("quant_method", "unknown")).lower() if isinstance(q, dict) else None
         return getattr(self, name, UNKNOWN)
 
 

@@ -229,6 +229,13 @@ def test_torchao_groups_without_the_unquantized_checkpoint_are_left_as_loaded(ll
     report = fuse_projections(again)
     assert report["fused"] == [] and set(report["skipped"].values()) == {
         "the checkpoint holds torchao's quantized weights, not the unquantized ones to fuse and quantize"}
+    # and `autotune check` says so before anything loads (rule FUSE-SAVED-QUANTIZED reads config.json)
+    from autotune.gate import check
+
+    fused_cfg = {"from_pretrained": {"dtype": "bfloat16"}, "generate": {}, "runtime": {"fuse_projections": True}}
+    said = [f["rule"] for f in check(fused_cfg, target="h100", model=tmp_path / "saved-quantized")["findings"]]
+    assert "FUSE-SAVED-QUANTIZED" in said and "FUSE-SAVED-QUANTIZED" not in [
+        f["rule"] for f in check(fused_cfg, target="h100", model=llama32)["findings"]]
     m.name_or_path = str(tmp_path / "gone")
     assert set(fuse_projections(m)["skipped"].values()) == {f"no local checkpoint folder for {tmp_path / 'gone'} to read the unquantized weights from"}
     # the worker's strict load: not this candidate's to run, said as such in its result
