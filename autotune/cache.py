@@ -1,8 +1,9 @@
-"""The result cache: measurements keyed by machine, stack, model, workload and tune options."""
+"""The result cache: measurements keyed by machine, stack, model, workload, tune options and the code that measured them."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,8 +18,25 @@ from .space import first_gpu_name
 from .trial import STATUS_OK, Trial
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the code and the rules that measure and judge: autotune's own sources and rule
+    files. The version string alone did not move when a source checkout (or a release that
+    kept it) changed how a candidate is loaded or timed, so results measured by other code
+    were reused; this keys them apart. Read once a process, about a megabyte."""
+    from .rules import rules_dir
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in [*sorted(pkg.rglob("*.py")), *sorted(rules_dir().glob("*.toml"))]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class ResultCache:
-    """Measurements keyed by facts fingerprint, model, workload, objective and autotune version.
+    """Measurements keyed by facts fingerprint, model, workload, objective, autotune version and
+    :func:`code_fingerprint`.
 
     One JSON file per tune key; each trial's result is written as it finishes (atomic
     replace), so Ctrl-C or a spent time budget keeps what was measured and a rerun resumes.
@@ -28,7 +46,7 @@ class ResultCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         blob = json.dumps({"facts": facts.fingerprint(), "model": model_fingerprint(model), "workload": dataclasses.asdict(workload),
-                           "version": __version__, "extra": extra}, sort_keys=True)
+                           "version": __version__, "code": code_fingerprint(), "extra": extra}, sort_keys=True)
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:20]
         self.path = self.root / f"{self.key}.json"
         self.meta = {"gpu": first_gpu_name(facts),

@@ -143,6 +143,31 @@ def test_cache_hit_invalidation_and_resume(tmp_path):
         r.close()
 
 
+def test_results_measured_by_other_code_or_rules_are_not_reused(tmp_path, monkeypatch):
+    import autotune.cache as cache_mod
+    import autotune.rules as rules_mod
+
+    fingerprint = cache_mod.code_fingerprint.__wrapped__  # uncached: read the files each call
+    model = save_tiny_llama(tmp_path / "m")
+    first = CountingRunner()
+    tune(model, runner=first, **SMALL)
+    monkeypatch.setattr(cache_mod, "code_fingerprint", lambda: "another-checkout")  # same version string, other code
+    edited = CountingRunner()
+    tune(model, runner=edited, **SMALL)
+    assert first.calls >= 4 and edited.calls == first.calls, "nothing measured by the other code was reused"
+    # the fingerprint reads the rule files too: an edited rule is other code
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a.toml").write_text("# one rule file\n")
+    monkeypatch.setattr(rules_mod, "rules_dir", lambda: rules)
+    before = fingerprint()
+    assert fingerprint() == before, "the same files, the same fingerprint"
+    (rules / "a.toml").write_text("# the same rule file, edited\n")
+    assert fingerprint() != before
+    for r in (first, edited):
+        r.close()
+
+
 def test_spent_time_budget_reports_what_was_not_measured(tmp_path):
     model = save_tiny_llama(tmp_path / "m")
     runner = CountingRunner()
