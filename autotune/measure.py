@@ -22,6 +22,17 @@ def text_dependent(cfg: dict[str, Any]) -> bool:
     return bool((cfg.get("generate") or {}).get("prompt_lookup_num_tokens"))
 
 
+def mark_not_applicable(t: Trial, result: dict[str, Any]) -> bool:
+    """Where ``result`` (a run's, or a screen row's) says the candidate's option changes nothing in
+    this model (the worker's :class:`autotune.errors.NotApplicable`: nothing to fuse, no grouped
+    heads), mark ``t`` not measured, with the worker's reason: it would be another candidate
+    under its name. Returns whether it did."""
+    if not result.get("not_applicable"):
+        return False
+    t.status, t.reason = "not measured", str(result.get("error", "")).split(": ", 1)[-1][:300]
+    return True
+
+
 class OnBench:
     """What a tuner exposes of its :class:`Bench`: the trials, when the tune started, and a
     search run so that Ctrl-C keeps what was measured."""
@@ -177,9 +188,7 @@ class Bench:
             # calibrate on runs whose estimate is not mostly the fixed CUDA-context allowance
             if peak and t.estimate_gib and t.estimate_gib - CUDA_CONTEXT / GIB >= 0.25:
                 self.calibration.append(peak / (t.estimate_gib - CUDA_CONTEXT / GIB))
-        elif t.status != STATUS_OK and result.get("not_applicable"):  # its option changes nothing here (worker: NotApplicable)
-            t.status, t.reason = "not measured", str(result.get("error", "")).split(": ", 1)[-1][:300]
-        elif t.status != STATUS_OK:
+        elif t.status != STATUS_OK and not mark_not_applicable(t, result):
             t.status = st or "error"
             t.reason = result.get("error", "")
             if result.get("oom"):

@@ -35,7 +35,7 @@ import copy
 from typing import Any, Sequence
 
 from .judge import Judge
-from .measure import Bench
+from .measure import Bench, mark_not_applicable
 from .config import launch_command
 from .facts import UNKNOWN
 from .fuse import may_fuse
@@ -223,9 +223,9 @@ class Search:
         screened = bench.screen(seen) if len(seen) > 1 else False
         if screened:
             for t in seen:
-                if t.screen.get("not_applicable"):  # nothing to fuse, no grouped heads: the plain candidate is the same one
-                    t.status, t.reason = "not measured", str(t.screen["error"]).split(": ", 1)[-1][:300]
-                elif t.screen.get("status") != STATUS_OK:
+                if mark_not_applicable(t, t.screen):  # nothing to fuse, no grouped heads: the plain candidate is the same one
+                    continue
+                if t.screen.get("status") != STATUS_OK:
                     t.status, t.reason = "error", "screen: " + str(t.screen.get("error", "failed"))[:300]
             ranked = sorted((t for t in seen if t.screen.get("status") == STATUS_OK), key=lambda t: (t.screen["step_ms"], t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
             if not ranked:
