@@ -133,31 +133,28 @@ def classes() -> tuple[type, type]:
     return FusedLinear, FusedPart
 
 
-def _plain(m: Any) -> bool:
+def _weights(m: Any) -> str | None:
+    """What a projection holds, as fusing sees it: "plain" (an ``nn.Linear`` of plain tensors),
+    "torchao" (an ``nn.Linear`` whose weight torchao's ``quantize_`` made one of its tensor
+    subclasses, ``Int8Tensor``, ``Int4TilePackedTo4dTensor``, ...; the module stays, its bias stays
+    a plain tensor), or None: another module, one offloaded by accelerate's hooks, or on the meta
+    device."""
     import torch
 
     if type(m) is not torch.nn.Linear or hasattr(m, "_hf_hook"):
-        return False
-    tensors = [m.weight] + ([m.bias] if m.bias is not None else [])
-    return all(type(t.detach()) is torch.Tensor and t.device.type != "meta" for t in tensors)
-
-
-def _torchao(m: Any) -> bool:
-    """An ``nn.Linear`` that torchao's ``quantize_`` rewrote: the module stays, its weight becomes
-    one of torchao's tensor subclasses (``Int8Tensor``, ``Int4TilePackedTo4dTensor``, ...); its
-    bias stays a plain tensor."""
-    import torch
-
-    if type(m) is not torch.nn.Linear or hasattr(m, "_hf_hook"):
-        return False
-    w = m.weight.detach()
-    plain_bias = m.bias is None or type(m.bias.detach()) is torch.Tensor
-    return type(w).__module__.startswith("torchao.") and w.device.type != "meta" and plain_bias
+        return None
+    tensors = [m.weight.detach()] + ([m.bias.detach()] if m.bias is not None else [])
+    if any(t.device.type == "meta" for t in tensors) or any(type(t) is not torch.Tensor for t in tensors[1:]):
+        return None
+    if type(tensors[0]) is torch.Tensor:
+        return "plain"
+    return "torchao" if type(tensors[0]).__module__.startswith("torchao.") else None
 
 
 def why_not(linears: list[Any]) -> str | None:
     """Why a group cannot be fused (None: it can, as plain weights or as torchao's)."""
-    if not (all(_plain(m) for m in linears) or all(_torchao(m) for m in linears)):
+    kinds = {_weights(m) for m in linears}
+    if None in kinds or len(kinds) > 1:
         return "not plain nn.Linear weights (quantized other than by torchao, offloaded or on the meta device)"
     if len({type(m.weight.detach()) for m in linears}) > 1:
         return "torchao weights of different kinds"
@@ -190,7 +187,7 @@ def fuse_projections(model: Any, groups: tuple[tuple[str, ...], ...] = GROUPS) -
             where = f"{path}.{'/'.join(names)}" if path else "/".join(names)
             reason = why_not(linears)
             weight = None
-            if not reason and _torchao(linears[0]):
+            if not reason and _weights(linears[0]) == "torchao":
                 source = source or _Source(model)
                 weight, reason = _torchao_group(linears, [f"{path}.{n}" if path else n for n in names], source)
             if reason:
