@@ -207,11 +207,12 @@ class _Source:
     """Where a model that transformers quantized with torchao keeps what its fused weights are
     quantized from: the torchao config transformers applied (``TorchAoConfig``'s
     ``get_apply_tensor_subclass()``, what its loader hands ``quantize_``) and the checkpoint's
-    unquantized tensors by name. ``why``: why there is none (None: there is)."""
+    unquantized tensors by name, each file opened once (memory-mapped, released with this
+    object). ``why``: why there is none (None: there is)."""
 
     def __init__(self, model: Any) -> None:
         self.config: Any = None
-        self.files: dict[str, Any] = {}
+        self.files: dict[str, Any] = {}  # tensor name -> its file's open safetensors handle
         self.prefix = str(getattr(model, "base_model_prefix", "") or "")
         self.why = self._read(model)
 
@@ -238,21 +239,18 @@ class _Source:
         from safetensors import safe_open
 
         for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                self.files.update((k, f) for k in h.keys())
+            h = safe_open(str(f), framework="pt")
+            self.files.update((k, h) for k in h.keys())
         return None if self.files else f"no safetensors in {folder} to read the unquantized weights from"
 
     def tensor(self, name: str) -> Any:
         """The checkpoint's tensor for the model's parameter ``name`` (None: not there). A
         checkpoint of the base model names it without the prefix (``layers.0...``), one of a
         head model with it (``model.layers.0...``)."""
-        from safetensors import safe_open
-
         p = self.prefix + "."
         for key in (name, name[len(p):] if self.prefix and name.startswith(p) else None, p + name if self.prefix else None):
             if key and key in self.files:
-                with safe_open(str(self.files[key]), framework="pt") as h:
-                    return h.get_tensor(key)
+                return self.files[key].get_tensor(key)
         return None
 
 
