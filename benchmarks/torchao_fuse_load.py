@@ -65,7 +65,7 @@ def main() -> None:
         res["groups"] = 2 * len(plain.model.layers)
         same = 0
         for a, b in zip(plain.model.layers, fused.model.layers):
-            for parent, names in ((("self_attn"), ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
                 pa, pb = getattr(a, parent), getattr(b, parent)
                 same += all(_same_quantized(getattr(pb, n).weight, getattr(pa, n).weight.detach()) for n in names)
         res["groups_with_the_parts_rows"] = same
