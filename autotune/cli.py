@@ -127,6 +127,17 @@ def interrupted_exit() -> int:
     return 128 + _INTERRUPT["signal"]
 
 
+def _short(label: str, width: int = 40) -> str:
+    """A progress label cut to ``width``, its closing remark in parentheses kept: the candidate's
+    name gives way first ("bfloat16 sdpa static-cach… (again: run 2)")."""
+    if len(label) <= width:
+        return label
+    head, sep, tail = label.rpartition(" (")
+    if sep and label.endswith(")") and len(tail) + 3 < width:
+        return head[: width - len(tail) - 3] + "…" + sep + tail
+    return label[: width - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,7 +305,7 @@ def _tune(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.total = max(total, done + 1)
             bar.n = done
-            bar.set_description(label[:40])
+            bar.set_description(_short(label))
             bar.refresh()
         else:  # a log (with --json too: stdout holds only the report)
             print(f"[{done + 1}/{total}] {label}", file=sys.stderr, flush=True)

@@ -141,12 +141,14 @@ class Bench:
             spec["prompt_ids"] = self.prompt_ids
         return spec
 
-    def run_spec(self, key: str | None, spec: dict[str, Any]) -> dict[str, Any]:
+    def run_spec(self, key: str | None, spec: dict[str, Any], shown: str | None = None) -> dict[str, Any]:
+        """One run of ``spec`` (or its cached result); ``shown``: what the progress line calls it
+        (default: its label)."""
         cached = self.cache.get(key) if key and self.cache else None
         if cached is not None:
             self.timeline.append({"label": spec["label"], "start_s": round(self.elapsed(), 1), "wall_s": 0.0, "cached": True})
             return cached
-        self.progress(spec["label"], *self.counts())
+        self.progress(shown or spec["label"], *self.counts())
         t0 = self.elapsed()
         result = self.runner.run(spec)
         self.timeline.append({"label": spec["label"], "start_s": round(t0, 1), "wall_s": round(self.elapsed() - t0, 1), "cached": False})
@@ -174,7 +176,9 @@ class Bench:
                 t.status, t.reason = "not measured", f"time budget of {self.time_budget:.0f} s spent"
             return
         key = self.cache.trial_key(t, len(t.results)) if self.cache else None
-        self.record(t, self.run_spec(key, self.spec(t)))
+        # a finalist measured again says so: the progress log does not list one candidate twice unexplained
+        shown = f"{t.label} (again: run {len(t.results) + 1})" if t.results else None
+        self.record(t, self.run_spec(key, self.spec(t), shown))
 
     def record(self, t: Trial, result: dict[str, Any]) -> None:
         over = self.over_host_budget(result)

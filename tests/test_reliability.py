@@ -332,6 +332,24 @@ def test_max_memory_cpu_is_held_to(tiny_llama):
             assert "beyond --max-memory cpu=" in t.reason and t.reason.startswith("out of memory")
 
 
+def test_progress_says_when_a_candidate_is_measured_again(tiny_llama):
+    from autotune.config import Workload
+    from autotune.measure import Bench
+    from autotune.trial import Trial
+
+    class Ran:
+        def run(self, spec):
+            return {"label": spec["label"], "status": "ok", "runs": [{"decode_tok_s": 10.0}]}
+
+    shown: list[str] = []
+    bench = Bench(str(tiny_llama), Workload(1, 16, 4), runner=Ran(), progress=lambda label, done, total: shown.append(label))
+    t = Trial(label="x", stage="s", config={"from_pretrained": {"dtype": "float32"}, "generate": {}, "runtime": {}})
+    for _ in range(3):  # the screen's finalists are measured again, interleaved
+        bench.measure(t)
+    assert shown == ["x", "x (again: run 2)", "x (again: run 3)"]
+    assert [e["label"] for e in bench.timeline] == ["x"] * 3, "the timeline keeps the candidate's own label"
+
+
 def test_load_takes_the_config_file_and_fails_fast_offline(tiny_llama, tmp_path):
     import autotune
 
