@@ -246,6 +246,82 @@ def test_torchao_groups_without_the_unquantized_checkpoint_are_left_as_loaded(ll
     assert _failure(e.value, 300)["not_applicable"] is True and "not_applicable" not in _failure(RuntimeError("x"), 300)
 
 
+@pytest.fixture
+def tinygemm_on_cpu(monkeypatch):
+    """torchao's tile-packed int4 (``Int4TilePackedTo4dTensor``) on the CPU. Its quantizing,
+    slicing and flattening are torchao's own; only tinygemm's two CUDA ops get CPU stand-ins:
+    the packing keeps the weight's int4 bytes row after row in the 4-D shape tinygemm's has
+    (8 rows a tile along dim 0), and the matmul dequantizes them as tinygemm does, per group,
+    ``(q - 8) * scale + zero`` (torchao's ``dequantize_affine_tinygemm``), then multiplies. So
+    the layout inside a tile is not tinygemm's; the GPU test below runs the real kernels."""
+    pytest.importorskip("torchao")
+
+    def pack(w, inner_k_tiles):  # w: uint8 [n, k/2], two int4 values a byte, the even column high
+        n, half = w.shape
+        return w.contiguous().view(torch.int32).reshape(n // 8, 2 * half // (inner_k_tiles * 16), 32, inner_k_tiles // 2)
+
+    def matmul(x, qdata, group_size, scale_and_zero):
+        rows = qdata.contiguous().view(torch.uint8).reshape(qdata.shape[0] * 8, -1)
+        q = torch.stack([(rows >> 4) & 0xF, rows & 0xF], dim=-1).reshape(rows.shape[0], -1).float()
+        scale, zero = (scale_and_zero[..., i].float().t().repeat_interleave(group_size, dim=1) for i in (0, 1))
+        return (x.float() @ ((q - 8) * scale + zero).t()).to(x.dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_convert_weight_to_int4pack", pack, "CPU")
+    lib.impl("_weight_int4pack_mm", matmul, "CPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # from_hp asks for sm80+
+    yield
+    lib._destroy()
+
+
+def test_int4_tile_packed_groups_fuse_with_each_parts_quantized_rows(tmp_path, tinygemm_on_cpu):
+    """int4 weight-only (group 128, per-group scales and zeros within each row) fused as the
+    tune loads it: every group is quantized whole, each part's slice holds its quantized
+    rows, and the model decodes the same tokens."""
+    from autotune.fuse import _same_quantized
+    from autotune.space import TORCHAO_KINDS
+
+    folder = save_tiny_llama(tmp_path / "m", dtype="bfloat16", hidden_size=256, intermediate_size=512, num_attention_heads=8)
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS["torchao-int4wo"]}}
+
+    def cfg(fuse):
+        return {"from_pretrained": {"dtype": "bfloat16", "device_map": "cpu", "quantization_config": q}, "generate": {},
+                "runtime": {"fuse_projections": fuse}}
+
+    plain, fused = load(folder, cfg(False)), load(folder, cfg(True))
+    whole = fused.model.layers[0].self_attn.fused_q_proj_k_proj_v_proj.weight
+    assert type(whole).__name__ == "Int4TilePackedTo4dTensor" and tuple(whole.shape) == (256 + 2 * 64, 256)
+    assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 2 * 2
+    for a, b in zip(plain.model.layers, fused.model.layers):
+        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            for n in names:
+                assert _same_quantized(getattr(getattr(b, parent), n).weight, getattr(getattr(a, parent), n).weight.detach()), (parent, n)
+    assert not _same_quantized(fused.model.layers[0].self_attn.k_proj.weight, plain.model.layers[0].self_attn.v_proj.weight.detach())
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        la, lb = plain(ids).logits.float(), fused(ids).logits.float()
+        assert (la - lb).abs().max() <= 1e-2 * la.abs().max(), float((la - lb).abs().max())
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+        assert torch.equal(fused.generate(ids, **kw), plain.generate(ids, **kw))
+
+
+def test_int4_groups_whose_rows_are_not_whole_tiles_are_left_as_loaded(tmp_path, tinygemm_on_cpu):
+    """tinygemm packs 8 rows a tile and pads a weight's rows to a multiple of 8: a part of 20
+    rows alone is padded to 24, and the fused weight's tiles straddle the parts, so no slice of
+    it is that part's quantized data. The check says so and the group stays as loaded."""
+    from autotune.space import TORCHAO_KINDS
+
+    # 2 key/value heads of 10: k_proj and v_proj have 20 rows each (q_proj 80)
+    folder = save_tiny_llama(tmp_path / "m", dtype="bfloat16", hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                             num_key_value_heads=2, head_dim=10)
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS["torchao-int4wo"]}}
+    m = load(folder, {"from_pretrained": {"dtype": "bfloat16", "device_map": "cpu", "quantization_config": q}, "generate": {}, "runtime": {}})
+    report = fuse_projections(m)
+    assert report["fused"] == ["model.layers.0.mlp.gate_proj/up_proj", "model.layers.1.mlp.gate_proj/up_proj"], report
+    assert set(report["skipped"]) == {"model.layers.0.self_attn.q_proj/k_proj/v_proj", "model.layers.1.self_attn.q_proj/k_proj/v_proj"}
+    assert all("rows are not what quantizing it alone gave" in r for r in report["skipped"].values()), report["skipped"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_present() or not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("kind", ["torchao-int8wo", "torchao-int4wo", "torchao-float8dq"])
