@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from .config import Candidate
 from .facts import GPU, UNKNOWN, Facts, parse_version
-from .memory import fit, load_dtype
+from .memory import decoder_linears, fit, load_dtype, torchao_unquantized
 from .model import ModelSpec
 from .rules import Rule, Unknown, condition_facts, default_rules, evaluate, render
 
@@ -265,6 +265,15 @@ class Context:
                           kv * m.head_dim if isinstance(kv, int) and isinstance(m.head_dim, int) else UNKNOWN}
                 if all(isinstance(x, int) for x in widths):
                     d["linear_widths_off_32"] = sorted(x for x in widths if x % 32)
+                # the projections a torchao config leaves as loaded (shapes its kernels do not take)
+                unquantized = torchao_unquantized(c, m)
+                if unquantized is not UNKNOWN:
+                    d["torchao_unquantized"] = unquantized[0]
+                    d["torchao_unquantized_share"] = f"{unquantized[1]:.0%}"
+                linears = decoder_linears(m)
+                if linears is not UNKNOWN:  # int4 weight-only's group sizes (torchao: 256, 128, 64, 32) that quantize them all
+                    fits = [g for g in (256, 128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)]
+                    d["torchao_group_sizes_that_fit"] = " or ".join(map(str, fits)) or "none"
             if f.gpus is not UNKNOWN and f.gpus:
                 d["tp_size"] = (c.tp_size or len(f.gpus)) if c.tensor_parallel else None
                 d["tp_exceeds_gpus"] = d["tp_size"] is not None and d["tp_size"] > len(f.gpus)
@@ -369,7 +378,8 @@ def run(
     return result
 
 
-_MODEL_DERIVED = {"derived.gqa_without_mask", "derived.heads_divide_gpus", "derived.load_dtype", "derived.linear_widths_off_32"}
+_MODEL_DERIVED = {"derived.gqa_without_mask", "derived.heads_divide_gpus", "derived.load_dtype", "derived.linear_widths_off_32",
+                  "derived.torchao_unquantized"}
 
 
 def _apply(rule: Rule, ctx: Context, result: Result, unknown_needs: list[str], gpu: GPU | None) -> None:

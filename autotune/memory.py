@@ -97,6 +97,56 @@ def torchao_bytes(candidate: Candidate, shape: tuple[int, ...] | None = None) ->
     return out * inp * per + out * row
 
 
+def torchao_skips(candidate: Candidate, shape: tuple[int, ...]) -> str | None:
+    """Why the candidate's torchao config leaves a Linear weight of ``shape`` (out, in) as loaded
+    (None: it quantizes it). torchao 0.18.0 returns such a weight unchanged and says so only in
+    an INFO log: ``Int4WeightOnlyConfig`` where ``in`` is not a multiple of its group size
+    (``_int4_weight_only_quantize_tensor``), ``Float8DynamicActivationFloat8WeightConfig``
+    where either dimension is not a multiple of 16 (``_fp8_mm_compat``: ``torch._scaled_mm``'s
+    requirement). int8 weight-only and the others quantize every shape."""
+    if candidate.quantization != "torchao" or len(shape) != 2:
+        return None
+    out, inp = shape
+    if candidate.torchao_type == "Int4WeightOnlyConfig":
+        group = candidate.torchao_group_size if isinstance(candidate.torchao_group_size, int) else 128
+        return f"input size {inp} not a multiple of group_size {group}" if inp % group else None
+    if candidate.torchao_type == "Float8DynamicActivationFloat8WeightConfig" and (inp % 16 or out % 16):  # both, for _scaled_mm
+        return "a size not a multiple of 16"
+    return None
+
+
+def decoder_linears(model: ModelSpec) -> list[tuple[str, int, int]] | Any:
+    """(name, out, in) of one decoder layer's Linear projections as config.json gives their
+    sizes (a Llama-style layer: q/k/v/o, gate/up/down); UNKNOWN where a size is not given."""
+    need = (model.hidden_size, model.intermediate_size, model.num_heads, model.num_kv_heads, model.head_dim)
+    if not all(isinstance(x, int) and x > 0 for x in need):
+        return UNKNOWN
+    hidden, inter, heads, kv, hd = need
+    return [("q_proj", heads * hd, hidden), ("k_proj", kv * hd, hidden), ("v_proj", kv * hd, hidden), ("o_proj", hidden, heads * hd),
+            ("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
+
+
+def torchao_unquantized(candidate: Candidate, model: ModelSpec) -> tuple[list[str], float] | Any:
+    """The decoder projections the candidate's torchao config leaves as loaded, each with why
+    (``["q_proj, k_proj, v_proj, gate_proj, up_proj (input size 576 not a multiple of group_size
+    128)"]``), and their share of a layer's projection weights; UNKNOWN where config.json lacks
+    the sizes; ([], 0.0) for a config that is no torchao one or quantizes them all."""
+    if candidate.quantization != "torchao":
+        return [], 0.0
+    linears = decoder_linears(model)
+    if linears is UNKNOWN:
+        return UNKNOWN
+    why: dict[str, list[str]] = {}
+    skipped = 0
+    for name, out, inp in linears:
+        reason = torchao_skips(candidate, (out, inp))
+        if reason:
+            why.setdefault(reason, []).append(name)
+            skipped += out * inp
+    total = sum(out * inp for _, out, inp in linears)
+    return [f"{', '.join(names)} ({reason})" for reason, names in why.items()], skipped / total
+
+
 def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bool = True) -> Estimate | Any:
     dtype = load_dtype(candidate, model, facts.package("transformers"))
     if dtype is UNKNOWN:
@@ -109,7 +159,7 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
     weights = 0
     if model.tensors:
         for t in model.tensors:
-            if ao is not None and _quantized(t.name, t.shape):
+            if ao is not None and _quantized(t.name, t.shape) and not torchao_skips(candidate, t.shape):
                 weights += int(torchao_bytes(candidate, t.shape) or 0)  # transformers quantizes every nn.Linear but the lm_head
             elif candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
                 weights += t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
@@ -124,7 +174,9 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
         body = model.param_count - embed
         per = {"bnb-8bit": 1.0 + 4 / max(model.hidden_size, 1), "bnb-4bit": 0.5 + 4 / 64}.get(candidate.quantization, b)
         if ao is not None:
-            per = ao  # per weight, without the row scales or int4's padding
+            unquantized = torchao_unquantized(candidate, model)  # the share torchao leaves as loaded, in the dtype
+            share = unquantized[1] if unquantized is not UNKNOWN else 0.0
+            per = ao * (1 - share) + b * share  # per weight, without the row scales or int4's padding
         weights = int(embed * b + body * per)
     need = (model.num_layers, model.num_kv_heads, model.head_dim, model.num_heads, model.hidden_size, model.vocab_size)
     if any(x is UNKNOWN for x in need):

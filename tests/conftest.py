@@ -157,5 +157,35 @@ def gpu_present() -> bool:
         return False
 
 
+@pytest.fixture
+def tinygemm_on_cpu(monkeypatch):
+    """torchao's tile-packed int4 (``Int4TilePackedTo4dTensor``) on the CPU. Its quantizing,
+    slicing and flattening are torchao's own; only tinygemm's two CUDA ops get CPU stand-ins:
+    the packing keeps the weight's int4 bytes row after row in the 4-D shape tinygemm's has
+    (8 rows a tile along dim 0), and the matmul dequantizes them as tinygemm does, per group,
+    ``(q - 8) * scale + zero`` (torchao's ``dequantize_affine_tinygemm``), then multiplies. So
+    the layout inside a tile is not tinygemm's; the GPU tests run the real kernels."""
+    import torch
+
+    pytest.importorskip("torchao")
+
+    def pack(w, inner_k_tiles):  # w: uint8 [n, k/2], two int4 values a byte, the even column high
+        n, half = w.shape
+        return w.contiguous().view(torch.int32).reshape(n // 8, 2 * half // (inner_k_tiles * 16), 32, inner_k_tiles // 2)
+
+    def matmul(x, qdata, group_size, scale_and_zero):
+        rows = qdata.contiguous().view(torch.uint8).reshape(qdata.shape[0] * 8, -1)
+        q = torch.stack([(rows >> 4) & 0xF, rows & 0xF], dim=-1).reshape(rows.shape[0], -1).float()
+        scale, zero = (scale_and_zero[..., i].float().t().repeat_interleave(group_size, dim=1) for i in (0, 1))
+        return (x.float() @ ((q - 8) * scale + zero).t()).to(x.dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_convert_weight_to_int4pack", pack, "CPU")
+    lib.impl("_weight_int4pack_mm", matmul, "CPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # from_hp asks for sm80+
+    yield
+    lib._destroy()
+
+
 __all__ = ["FakeNvml", "device", "run_cli", "save_tiny_llama", "write_json", "UNKNOWN", "gpu_present", "MANY_EOS", "decode_model",
            "decode_batch"]

@@ -61,3 +61,30 @@ def test_gpu_weights_are_counted_as_torchao_holds_them(folder, kind):
         pytest.skip("float8 needs sm89+")
     est, held, bf16 = estimate_and_held(folder, kind, "cuda")
     assert abs(est - held) <= 0.01 * held, (est, held)
+
+
+def test_weights_torchao_leaves_unquantized_are_counted_so_and_named(tmp_path, tinygemm_on_cpu):
+    """int4 weight-only (group 128) on a model of hidden size 192: torchao leaves every
+    projection whose input is 192 wide as loaded (bf16), and quantizes only down_proj (input
+    512). The estimate counts exactly what is held, and rule TORCHAO-SHAPES-UNQUANTIZED's fact
+    names the projections that stayed. (tinygemm's CUDA ops have CPU stand-ins here.)"""
+    from autotune.config import parse_config
+    from autotune.memory import torchao_unquantized
+    from autotune.model import read_model
+    from autotune.space import TORCHAO_KINDS
+
+    odd = save_tiny_llama(tmp_path / "odd", dtype="bfloat16", hidden_size=192, intermediate_size=512, vocab_size=512,
+                          num_attention_heads=3, num_key_value_heads=1)
+    est, held, bf16 = estimate_and_held(odd, "torchao-int4wo", "cpu")
+    assert est == held, (est, held)
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS["torchao-int4wo"]}}
+    model = AutoModelForCausalLM.from_pretrained(odd, dtype=torch.bfloat16, device_map="cpu", quantization_config=TorchAoConfig.from_dict(q))
+    layer = model.model.layers[0]
+    left = sorted(n.split(".")[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and type(m.weight) is torch.nn.Parameter)
+    said, share = torchao_unquantized(parse_config({"from_pretrained": {"dtype": "bfloat16", "quantization_config": q}}), read_model(odd))
+    assert left == ["gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert said == ["q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj (input size 192 not a multiple of group_size 128)"]
+    assert share == pytest.approx(1 - 512 * 192 / (2 * 192 * 192 + 2 * 64 * 192 + 3 * 512 * 192))
+
