@@ -114,6 +114,8 @@ class Candidate:
                 q += f"-{self.bnb_4bit_quant_type or 'fp4'}"
             if q == "torchao":
                 q += f"-{TORCHAO_SHORT.get(self.torchao_type, self.torchao_type)}"
+                if self.torchao_type == "Int4WeightOnlyConfig" and self.torchao_group_size not in (None, 128):
+                    q += f"-g{self.torchao_group_size}"  # another group size than torchao's default
             parts.append(q)
         if self.cache_implementation:
             mode = f"({self.compile_mode})" if self.compile and self.compile_mode not in (None, "reduce-overhead") else ""

@@ -11,7 +11,7 @@ from .facts import Facts
 from .measure import Bench
 from .model import read_model
 from .fuse import may_fuse
-from .space import TORCHAO_KINDS, Space, candidate_config, full_space, regime, same_candidate
+from .space import TORCHAO_KINDS, Space, candidate_config, full_space, int4_group_size, regime, same_candidate
 from .trial import STATUS_OK, Trial
 
 # The tune takes 2 timed runs per candidate (3 when they disagree); the oracle five times that.
@@ -27,7 +27,9 @@ def candidates(model_path: str, facts: Facts, workload: Workload, fixed: dict[st
     space = Space(read_model(model_path), facts, workload, fixed=fixed)
     cfgs = list(full_space(space.device, space.half, workload, space.fixed, fuse=may_fuse(space.model), gqa=space.model.gqa is True))
     if quant:
-        cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop) for q in TORCHAO_KINDS for loop in (None, "sync-free")]
+        group = int4_group_size(space.model)
+        cfgs += [candidate_config("bfloat16", "sdpa", cache="static", quant=q, loop=loop, int4_group=group) for q in TORCHAO_KINDS
+                 for loop in (None, "sync-free")]
     return [space.place("oracle", cfg) for cfg in cfgs]
 
 

@@ -15,7 +15,7 @@ from .config import Candidate, Workload, parse_config
 from .engine import run as run_rules
 from .errors import UserError
 from .facts import UNKNOWN, Facts
-from .memory import GIB, estimate, gpu_budget
+from .memory import GIB, decoder_linears, estimate, gpu_budget
 from .model import ModelSpec
 from .trial import Trial
 
@@ -49,22 +49,39 @@ TORCHAO_KINDS = {
 TORCHAO_COMPILE_OPTIONS = {"torchao-int8wo": {"coordinate_descent_tuning": True, "triton.cudagraphs": True}}
 
 
+def int4_group_size(model: ModelSpec | None) -> int:
+    """The group size the tune's int4 weight-only kind takes for ``model``: 128 (torchao's
+    default, the one measured) where it divides every decoder projection's input size, else
+    the largest of 64 and 32 that does. torchao leaves a weight whose input the group does not
+    divide unquantized (rule TORCHAO-SHAPES-UNQUANTIZED), so a model of hidden size 576 in
+    groups of 128 would be int4 in its down projections only. 128 where none divides them all
+    (the rule then warns) or config.json does not give the sizes."""
+    linears = decoder_linears(model) if model is not None else UNKNOWN
+    if linears is UNKNOWN:
+        return 128
+    return next((g for g in (128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)), 128)
+
+
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
                      quant: str | None = None, compute: str | None = None, device_map: Any = None, max_memory: Any = None,
                      loop: str | None = None, compile_mode: str | None = None, lookup: int | None = None, fuse: bool = False,
-                     gqa: bool = False) -> dict[str, Any]:
+                     gqa: bool = False, int4_group: int | None = None) -> dict[str, Any]:
     """A candidate as a config dict (the contract's three parts). ``loop``: runtime.decode_loop;
     ``compile_mode``: generate.compile_config.mode (None: transformers' default); ``lookup``:
     generate.prompt_lookup_num_tokens (prompt-lookup decoding); ``fuse``:
     runtime.fuse_projections (q/k/v and gate/up as one matmul each, :mod:`autotune.fuse`); ``gqa``:
-    runtime.sdpa_gqa (SDPA's enable_gqa instead of transformers' key/value copies, :mod:`autotune.gqa`)."""
+    runtime.sdpa_gqa (SDPA's enable_gqa instead of transformers' key/value copies, :mod:`autotune.gqa`);
+    ``int4_group``: the int4 kind's group size where not 128 (:func:`int4_group_size`)."""
     fp: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if device_map is not None:
         fp["device_map"] = device_map
     if max_memory:
         fp["max_memory"] = max_memory
     if quant in TORCHAO_KINDS:
-        fp["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS[quant]}}
+        kind = TORCHAO_KINDS[quant]
+        if quant == "torchao-int4wo" and int4_group and int4_group != kind["_data"]["group_size"]:
+            kind = {**kind, "_data": {**kind["_data"], "group_size": int4_group}}
+        fp["quantization_config"] = {"quant_method": "torchao", "quant_type": {"default": kind}}
     elif quant:
         q: dict[str, Any] = {"quant_method": "bitsandbytes"}
         if quant == "bnb-8bit":
@@ -329,7 +346,7 @@ class Space:
              compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None,
              lookup: int | None = None, fuse: bool = False, gqa: bool = False) -> Trial:
         base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None,
-                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse, gqa=gqa)
+                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse, gqa=gqa, int4_group=int4_group_size(self.model))
         return self.place(stage, base)
 
     def place(self, stage: str, cfg: dict[str, Any]) -> Trial:

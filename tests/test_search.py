@@ -628,6 +628,9 @@ def test_torchao_candidates_are_measured_and_held_to_the_quality_tolerance(llama
     assert all(t.config["from_pretrained"]["dtype"] == "bfloat16" and looped(t.config) and compiled(t.config) for t in quant.values())
     int4 = quant["Int4WeightOnlyConfig"]
     assert int4.status == "lossy" and "--quality-tolerance" in int4.reason and int4.quality["kl"] > 0.05
+    # hidden size 64: groups of 64, since torchao leaves a projection whose input 128 does not divide unquantized
+    assert int4.config["from_pretrained"]["quantization_config"]["quant_type"]["default"]["_data"]["group_size"] == 64
+    assert "torchao-int4wo-g64" in int4.label and not any("TORCHAO-SHAPES-UNQUANTIZED" in w for w in int4.warnings)
     int8 = quant["Int8WeightOnlyConfig"]
     assert int8.status == "ok"
     assert r.pick is int8, r.pick.label

@@ -88,3 +88,23 @@ def test_weights_torchao_leaves_unquantized_are_counted_so_and_named(tmp_path, t
     assert said == ["q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj (input size 192 not a multiple of group_size 128)"]
     assert share == pytest.approx(1 - 512 * 192 / (2 * 192 * 192 + 2 * 64 * 192 + 3 * 512 * 192))
 
+
+@pytest.mark.parametrize("sizes, group", [
+    ((2048, 5632, 32, 4, 64), 128),  # TinyLlama: every input a multiple of 128
+    ((576, 1536, 9, 3, 64), 64),     # SmolLM-135M: 576 is 4.5 groups of 128
+    ((2880, 2880, 64, 8, 64), 64),   # 2880 = 45 x 64
+    ((200, 512, 4, 2, 50), 128),     # nothing divides 200: the default (and the rule warns)
+])
+def test_the_tunes_int4_group_size_divides_every_projections_input(sizes, group):
+    from autotune.config import parse_config
+    from autotune.memory import torchao_unquantized
+    from autotune.model import ModelSpec
+    from autotune.space import candidate_config, int4_group_size
+
+    hidden, inter, heads, kv, hd = sizes
+    spec = ModelSpec(path="m", model_type="llama", hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_kv_heads=kv, head_dim=hd)
+    assert int4_group_size(spec) == group
+    cfg = candidate_config("bfloat16", "sdpa", cache="static", quant="torchao-int4wo", int4_group=int4_group_size(spec))
+    said, share = torchao_unquantized(parse_config(cfg), spec)
+    assert (said == [] and share == 0) == (hidden != 200), said
+    assert int4_group_size(ModelSpec(path="m", model_type="llama")) == 128, "sizes not given: torchao's default"
