@@ -658,6 +658,26 @@ def test_torchao_without_quality_evidence_is_not_picked(llama):
     assert "torchao" not in r.pick.label
 
 
+def test_torchao_is_not_measured_on_a_model_of_conv1d_projections(tmp_path):
+    """GPT-2's projections are transformers' Conv1D, which transformers never hands torchao: its
+    three kinds would be the bfloat16 model measured three more times under other names."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from autotune.profiles import apply_overrides
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512),
+                                     dtype=torch.bfloat16).save_pretrained(tmp_path / "gpt2")
+    facts = apply_overrides(load_target("h100-80gb"), ["packages.torchao=0.18.0"])
+    runner = RegimeRunner()
+    r = Tuner(tmp_path / "gpt2", facts=facts, workload=WORKLOAD, runner=runner, check_capacity=False, quantization="always").run()
+    quant = [t for t in r.trials if t.stage == "weight quantization"]
+    assert len(quant) == 3 and all(t.status == "dropped" and "TORCHAO-CONV1D" in t.reason for t in quant), [(t.label, t.reason) for t in quant]
+    assert not [s for s in runner.specs if (s["config"]["from_pretrained"].get("quantization_config") or {}).get("quant_method") == "torchao"]
+    assert [s for s in runner.specs if "bnb-8bit" in s["label"]], "bitsandbytes, which converts Conv1D, is still measured"
+
+
 def test_torchao_is_dropped_without_the_package_and_measured_only_when_asked(llama):
     r = tuned(llama, RegimeRunner(), quantization="always")
     quant = [t for t in r.trials if t.stage == "weight quantization"]
