@@ -67,6 +67,7 @@ class Candidate:
     torchao_bit_width: Any = None  # _data.bit_width of torchao's gemlite-backed UIntx configs (their default: 4)
     torchao_group_size: Any = None  # _data.group_size where given (the weight bytes of its scales; None: the class default)
     torchao_packing_format: Any = None  # _data.int4_packing_format where given, e.g. "tile_packed_to_4d" (it pads the weights)
+    torchao_granularity: Any = None  # the weights' granularity (_data.granularity's "_type", the second of a pair) where given, e.g. "PerRow"
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
     fp32_cpu_offload: bool = False
@@ -300,6 +301,10 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
                 kw["torchao_group_size"] = data["group_size"]
             if isinstance(data.get("int4_packing_format"), str):
                 kw["torchao_packing_format"] = data["int4_packing_format"]
+            g = data.get("granularity")  # one for activations and weights, or a pair [activations, weights]
+            g = g[-1] if isinstance(g, list) and g else g
+            if isinstance(g, Mapping) and isinstance(g.get("_type"), str):
+                kw["torchao_granularity"] = g["_type"]
         else:
             kw["quantization"] = f"other:{method}"
     for key in ("load_in_8bit", "load_in_4bit"):
