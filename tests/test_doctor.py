@@ -45,6 +45,18 @@ def test_t4_verdicts():
     assert v[("quantization", "bitsandbytes 8-bit")] == "warning"
 
 
+def test_torchao_kinds_verdicts():
+    ao = ["packages.torchao=0.18.0"]
+    names = ("torchao int8 weight-only", "torchao int4 weight-only (tile-packed, group 128)", "torchao float8 (dynamic activations, per row)")
+    h100 = verdicts(doctor(apply_overrides(load_target("h100"), ao)))
+    assert [h100[("quantization", n)] for n in names] == ["available"] * 3
+    assert [verdicts(doctor(load_target("h100")))[("quantization", n)] for n in names] == ["unavailable"] * 3  # no torchao there
+    a100 = verdicts(doctor(apply_overrides(load_target("a100-80gb"), ao)))
+    assert a100[("quantization", names[2])] == "unavailable" and a100[("quantization", names[1])] == "available"  # float8 needs sm89
+    cpu = verdicts(doctor(apply_overrides(load_target("cpu"), ao)))
+    assert [cpu[("quantization", n)] for n in names] == ["available", "unavailable", "unavailable"]  # int4 and float8 need CUDA
+
+
 def test_healthy_cpu_machine_exits_0():
     r = doctor(load_target("cpu"))
     assert r["exit_code"] == 0 and not r["broken"]
