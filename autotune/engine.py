@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from .config import Candidate
 from .facts import GPU, UNKNOWN, Facts, parse_version
-from .memory import decoder_linears, fit, load_dtype, torchao_unquantized
+from .memory import decoder_linears, fit, int4_padding, load_dtype, torchao_unquantized
 from .model import ModelSpec
 from .rules import Rule, Unknown, condition_facts, default_rules, evaluate, render
 
@@ -270,6 +270,10 @@ class Context:
                 if unquantized is not UNKNOWN:
                     d["torchao_unquantized"] = unquantized[0]
                     d["torchao_unquantized_share"] = f"{unquantized[1]:.0%}"
+                padding = int4_padding(c, m)
+                if padding is not UNKNOWN:
+                    d["int4_padding"], d["int4_padded"] = round(padding[0], 3), padding[1]
+                    d["int4_padding_pct"] = f"{padding[0]:.0%}"
                 linears = decoder_linears(m)
                 if linears is not UNKNOWN:  # int4 weight-only's group sizes (torchao: 256, 128, 64, 32) that quantize them all
                     fits = [g for g in (256, 128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)]
@@ -379,7 +383,7 @@ def run(
 
 
 _MODEL_DERIVED = {"derived.gqa_without_mask", "derived.heads_divide_gpus", "derived.load_dtype", "derived.linear_widths_off_32",
-                  "derived.torchao_unquantized"}
+                  "derived.torchao_unquantized", "derived.int4_padding"}
 
 
 def _apply(rule: Rule, ctx: Context, result: Result, unknown_needs: list[str], gpu: GPU | None) -> None:

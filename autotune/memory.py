@@ -147,6 +147,29 @@ def torchao_unquantized(candidate: Candidate, model: ModelSpec) -> tuple[list[st
     return [f"{', '.join(names)} ({reason})" for reason, names in why.items()], skipped / total
 
 
+def int4_padding(candidate: Candidate, model: ModelSpec) -> tuple[float, list[str]] | Any:
+    """The share of the tile-packed int4 weights' elements that is padding, and the projections
+    padded (``["q_proj, ... (input 576 to 1024)"]``): ``Int4TilePackedTo4dTensor.from_hp`` (torchao
+    0.18.0) pads a weight's input size to a multiple of 1,024 and its output size to one of 8, and
+    tinygemm reads the padding every token. (0.0, []) for any other config; UNKNOWN where
+    config.json lacks the sizes."""
+    if candidate.torchao_type != "Int4WeightOnlyConfig" or candidate.torchao_packing_format != "tile_packed_to_4d":
+        return 0.0, []
+    linears = decoder_linears(model)
+    if linears is UNKNOWN:
+        return UNKNOWN
+    padded = real = 0
+    names: dict[str, list[str]] = {}
+    for name, out, inp in linears:
+        if torchao_skips(candidate, (out, inp)):
+            continue
+        p_out, p_in = -(-out // 8) * 8, -(-inp // 1024) * 1024
+        padded, real = padded + p_out * p_in, real + out * inp
+        if p_in != inp:
+            names.setdefault(f"input {inp} to {p_in}", []).append(name)
+    return (1 - real / padded if padded else 0.0), [f"{', '.join(n)} ({how})" for how, n in names.items()]
+
+
 def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bool = True) -> Estimate | Any:
     dtype = load_dtype(candidate, model, facts.package("transformers"))
     if dtype is UNKNOWN:

@@ -87,6 +87,12 @@ def test_weights_torchao_leaves_unquantized_are_counted_so_and_named(tmp_path, t
     assert left == ["gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert said == ["q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj (input size 192 not a multiple of group_size 128)"]
     assert share == pytest.approx(1 - 512 * 192 / (2 * 192 * 192 + 2 * 64 * 192 + 3 * 512 * 192))
+    # and the one int4 weight is padded as rule TORCHAO-INT4-PADDING says: input 512 to 1,024 (8 int4 values an int32)
+    from autotune.memory import int4_padding
+
+    assert layer.mlp.down_proj.weight.qdata.numel() * 8 == 192 * 1024
+    assert int4_padding(parse_config({"from_pretrained": {"dtype": "bfloat16", "quantization_config": q}}), read_model(odd)) == (
+        0.5, ["down_proj (input 512 to 1024)"])
 
 
 @pytest.mark.parametrize("sizes, group", [
