@@ -246,6 +246,25 @@ def test_torchao_groups_without_the_unquantized_checkpoint_are_left_as_loaded(ll
     assert _failure(e.value, 300)["not_applicable"] is True and "not_applicable" not in _failure(RuntimeError("x"), 300)
 
 
+def test_the_cpu_stand_in_multiplies_as_torchs_own_int4_kernel(tinygemm_on_cpu):
+    """The fixture's matmul against torch's CPU int4 kernel, which reads the same per-group
+    scales and zeros, on one weight quantized by torchao: the same product."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2048, 512, bias=False, dtype=torch.bfloat16)
+    exact = lin.weight.detach().clone()
+    quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    w, x = lin.weight, torch.randn(3, 2048, dtype=torch.bfloat16)
+    rows = w.qdata.contiguous().view(torch.uint8).reshape(512, -1)
+    values = torch.stack([(rows >> 4) & 0xF, rows & 0xF], dim=-1).reshape(512, -1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 8)
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, w.scale_and_zero)
+    assert torch.equal(lin(x), theirs)
+    error = float((theirs.float() - x.float() @ exact.float().t()).norm() / (x.float() @ exact.float().t()).norm())
+    assert 0.03 < error < 0.1, error  # 4-bit steps over a group's range: about 1/15 of a uniform weight's spread
+
+
 def test_int4_tile_packed_groups_fuse_with_each_parts_quantized_rows(tmp_path, tinygemm_on_cpu):
     """int4 weight-only (group 128, per-group scales and zeros within each row) fused as the
     tune loads it: every group is quantized whole, each part's slice holds its quantized
