@@ -115,9 +115,19 @@ def torchao_skips(candidate: Candidate, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+_LLAMA_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_FIRST_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.0\.(.+)\.weight$")
+
+
 def decoder_linears(model: ModelSpec) -> list[tuple[str, int, int]] | Any:
-    """(name, out, in) of one decoder layer's Linear projections as config.json gives their
-    sizes (a Llama-style layer: q/k/v/o, gate/up/down); UNKNOWN where a size is not given."""
+    """(name, out, in) of the first decoder layer's 2-D weights: from the checkpoint's tensors
+    where the folder has safetensors (``model.layers.0.self_attn.q_proj.weight`` of shape (out,
+    in) is ``("q_proj", out, in)``), else as config.json gives the sizes of a Llama-style layer
+    (q/k/v/o, gate/up/down); UNKNOWN where neither says."""
+    found = [(m.group(1).rsplit(".", 1)[-1], t.shape[0], t.shape[1]) for t in model.tensors
+             if len(t.shape) == 2 and _quantized(t.name, t.shape) and (m := _FIRST_LAYER.search(t.name))]
+    if found:  # in a layer's order where the names are Llama's (the headers list them alphabetically)
+        return sorted(found, key=lambda x: (_LLAMA_ORDER.index(x[0]) if x[0] in _LLAMA_ORDER else len(_LLAMA_ORDER), x[0]))
     need = (model.hidden_size, model.intermediate_size, model.num_heads, model.num_kv_heads, model.head_dim)
     if not all(isinstance(x, int) and x > 0 for x in need):
         return UNKNOWN

@@ -114,3 +114,31 @@ def test_the_tunes_int4_group_size_divides_every_projections_input(sizes, group)
     said, share = torchao_unquantized(parse_config(cfg), spec)
     assert (said == [] and share == 0) == (hidden != 200), said
     assert int4_group_size(ModelSpec(path="m", model_type="llama")) == 128, "sizes not given: torchao's default"
+
+
+def test_what_int4_leaves_unquantized_is_read_from_the_checkpoints_own_names(tmp_path, tinygemm_on_cpu):
+    """Another architecture (OPT: out_proj, fc1, fc2; no gate): the projections named, and the
+    group size chosen, come from the checkpoint's tensors, and match what torchao did."""
+    from transformers import AutoModelForCausalLM, OPTConfig, TorchAoConfig
+
+    from autotune.config import parse_config
+    from autotune.memory import torchao_unquantized
+    from autotune.model import read_model
+    from autotune.space import TORCHAO_KINDS, candidate_config, int4_group_size
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(OPTConfig(hidden_size=192, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                                               word_embed_proj_dim=192), dtype=torch.bfloat16).save_pretrained(tmp_path / "opt")
+    spec = read_model(tmp_path / "opt")
+    q = {"quant_method": "torchao", "quant_type": {"default": TORCHAO_KINDS["torchao-int4wo"]}}
+    said, _ = torchao_unquantized(parse_config({"from_pretrained": {"dtype": "bfloat16", "quantization_config": q}}), spec)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "opt", dtype=torch.bfloat16, device_map="cpu", quantization_config=TorchAoConfig.from_dict(q))
+    layer = model.model.decoder.layers[0]
+    left = [n.split(".")[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and type(m.weight) is torch.nn.Parameter]
+    assert sorted(left) == ["fc1", "k_proj", "out_proj", "q_proj", "v_proj"]  # fc2's input, 512, is 4 groups
+    (names, why), = (x.split(" (", 1) for x in said)
+    assert sorted(names.split(", ")) == sorted(left) and why == "input size 192 not a multiple of group_size 128)", said
+    group = int4_group_size(spec)
+    assert group == 64
+    cfg = candidate_config("bfloat16", "sdpa", quant="torchao-int4wo", int4_group=group)
+    assert torchao_unquantized(parse_config(cfg), spec) == ([], 0.0)
