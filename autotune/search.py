@@ -124,11 +124,15 @@ class Search:
             else:
                 self.bench.cancel(self.spares)
                 self.notes.append("no compiled candidate ran: dtype and attention chosen on dynamic-cache runs instead")
+                self.no_weight_quantization("no compiled candidate ran")
                 self.eager_search(baseline, static_uncompiled=True)
         else:
             if self.space.device == "cuda":
                 why = "--cache dynamic" if self.fixed.get("cache") == "dynamic" else "the memory objective (quantized models do not compile)"
                 self.notes.append(f"compiled static cache not searched: {why}")
+                self.no_weight_quantization(f"{why.split(' (')[0]} compiles nothing")
+            else:
+                self.no_weight_quantization("the tune compiles on CUDA GPUs only")
             self.eager_search(baseline, static_uncompiled=self.fixed.get("cache") != "dynamic")
         self.prompt_lookup()
         self.quantize()
@@ -337,6 +341,7 @@ class Search:
             return
         lead = self.compiled_leader()
         if lead is None:
+            self.no_weight_quantization("no compiled candidate ran")
             return
         # fused where the leader is: autotune.fuse quantizes each torchao group's weights whole,
         # from the checkpoint; where it cannot (a checkpoint saved quantized, a scale across rows)
@@ -348,6 +353,13 @@ class Search:
                    if t in trials and t.status == "not measured" and t.config["runtime"].get("fuse_projections")]
         if unfused:
             self.launch_and_measure(self.bench.add(unfused))
+
+    def no_weight_quantization(self, why: str) -> None:
+        """Say why ``--quantization always`` measured no torchao kind: they are variants of the
+        compiled leader, and there is none."""
+        if self.quantization == "always":
+            self.notes.append(f"torchao weight-only quantization not measured: its candidates are int8, int4 and float8 of the fastest "
+                              f"compiled static-cache candidate, and {why}")
 
     def launch_and_measure(self, trials: list[Trial]) -> None:
         """Compile ``trials`` side by side where they fit together (beside nothing else: the held

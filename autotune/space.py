@@ -55,7 +55,7 @@ def int4_group_size(model: ModelSpec | None) -> int:
     the largest of 64 and 32 that does. torchao leaves a weight whose input the group does not
     divide unquantized (rule TORCHAO-SHAPES-UNQUANTIZED), so a model of hidden size 576 in
     groups of 128 would be int4 in its down projections only. 128 where none divides them all
-    (the rule then warns) or config.json does not give the sizes."""
+    (the rule then warns) or neither the checkpoint nor config.json gives the sizes."""
     linears = decoder_linears(model) if model is not None else UNKNOWN
     if linears is UNKNOWN:
         return 128

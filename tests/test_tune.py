@@ -168,6 +168,20 @@ def test_results_measured_by_other_code_or_rules_are_not_reused(tmp_path, monkey
         r.close()
 
 
+def test_quantization_always_on_the_cpu_says_why_torchao_is_not_measured(tmp_path):
+    # its kinds are variants of the compiled leader, and the CPU tune compiles nothing
+    pytest.importorskip("torchao")
+    model = save_tiny_llama(tmp_path / "m")
+    runner = CountingRunner()
+    facts = bf16_cpu_facts()  # this machine, measured
+    r = tune(model, report=True, runner=runner, quantization="always", use_cache=False, facts=facts, **SMALL)
+    assert any(n.startswith("torchao weight-only quantization not measured") and "CUDA GPUs only" in n for n in r.notes), r.notes
+    assert not [t for t in r.trials if "torchao" in t.label]
+    plain = tune(model, report=True, runner=runner, use_cache=False, facts=facts, **SMALL)
+    assert not any(n.startswith("torchao weight-only quantization not measured") for n in plain.notes), "said only when asked for"
+    runner.close()
+
+
 def test_spent_time_budget_reports_what_was_not_measured(tmp_path):
     model = save_tiny_llama(tmp_path / "m")
     runner = CountingRunner()
