@@ -238,7 +238,10 @@ class _Source:
                 return f"no local checkpoint folder for {folder} to read the unquantized weights from"
         from safetensors import safe_open
 
-        for f in sorted(folder.glob("*.safetensors")):
+        from .model import checkpoint_files
+
+        config = getattr(model, "config", None)
+        for f in checkpoint_files(folder, {"transformers_weights": getattr(config, "transformers_weights", None)}):
             h = safe_open(str(f), framework="pt")
             self.files.update((k, h) for k in h.keys())
         return None if self.files else f"no safetensors in {folder} to read the unquantized weights from"

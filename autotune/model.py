@@ -109,7 +109,7 @@ def read_model(path: str | Path, *, transformers_root: Path | None | Any = UNKNO
     if head_dim is UNKNOWN and hidden is not UNKNOWN and heads not in (UNKNOWN, 0):
         head_dim = hidden // heads
     ckpt_dtype = cfg.get("dtype", cfg.get("torch_dtype", UNKNOWN))
-    tensors = _read_safetensors(p)
+    tensors = _read_safetensors(p, cfg)
     if tensors and ckpt_dtype is UNKNOWN:
         floats = [t.dtype for t in tensors if t.dtype in _ST_DTYPE]
         if floats:
@@ -152,8 +152,32 @@ def _safetensors_header(f: Path) -> tuple[int, dict[str, Any]]:
         return n, json.loads(fh.read(n))
 
 
-def _read_safetensors(folder: Path) -> list[Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+def checkpoint_files(folder: Path, config: dict[str, Any] | None = None) -> list[Path]:
+    """The safetensors files ``from_pretrained`` loads from a local folder, as transformers 5.17
+    picks them (``modeling_utils._get_resolved_checkpoint_files``): the file config.json's
+    ``transformers_weights`` names (or its index's shards), else ``model.safetensors``, else the
+    shards ``model.safetensors.index.json`` maps; other ``*.safetensors`` beside them (a Mistral
+    repository's ``consolidated.safetensors``, the same weights under other names) are not
+    loaded. A folder with none of those: every ``*.safetensors`` in it."""
+    def shards(index: Path) -> list[Path]:
+        try:
+            wm = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError):
+            return []  # load_problems reports the bad index
+        return sorted({folder / v for v in wm.values() if isinstance(v, str) and (folder / v).is_file()})
+
+    explicit = (config or {}).get("transformers_weights")
+    if isinstance(explicit, str) and (folder / explicit).is_file():
+        return shards(folder / explicit) if explicit.endswith(".safetensors.index.json") else [folder / explicit]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if (folder / "model.safetensors.index.json").is_file():
+        return shards(folder / "model.safetensors.index.json")
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _read_safetensors(folder: Path, config: dict[str, Any] | None = None) -> list[Tensor]:
+    files = checkpoint_files(folder, config)
     out: list[Tensor] = []
     for f in files:
         try:
@@ -308,7 +332,7 @@ def load_problems(spec: ModelSpec, *, prompt_len: int | None = None, new_tokens:
     if not weights:
         out.append(Problem("MODEL-NO-WEIGHTS", f"{p} has config.json but no weight files ({', '.join(_WEIGHT_GLOBS[:3])}, ...)",
                            "download or copy the weights into the folder (save_pretrained writes model.safetensors)"))
-    for f in sorted(p.glob("*.safetensors")):
+    for f in checkpoint_files(p, cfg):  # the files from_pretrained reads (a stray copy beside them is not loaded)
         try:
             size = f.stat().st_size
             n, header = _safetensors_header(f)

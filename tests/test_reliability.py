@@ -61,6 +61,33 @@ def test_truncated_safetensors(model):
     assert _ids(model) == ["MODEL-TRUNCATED"]
 
 
+def test_only_the_files_from_pretrained_loads_are_counted(model, tmp_path):
+    """A Mistral repository holds its weights twice: the shards transformers loads and
+    consolidated.safetensors (Mistral's own names), which it does not. The parameter count, the
+    memory estimate and the truncation check read only the former."""
+    import shutil
+
+    from autotune.model import checkpoint_files
+
+    one = read_model(model)
+    (f,) = model.glob("*.safetensors")
+    shutil.copy(f, model / "consolidated.safetensors")
+    assert checkpoint_files(model) == [model / "model.safetensors"]
+    assert read_model(model).param_count == one.param_count and len(read_model(model).tensors) == len(one.tensors)
+    (model / "consolidated.safetensors").write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert _ids(model) == [], "a truncated file that from_pretrained does not read stops nothing"
+    # sharded: the files the index maps, whatever else is there
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(model / "config.json", sharded / "config.json")
+    shutil.copy(f, sharded / "model-00001-of-00001.safetensors")
+    shutil.copy(f, sharded / "consolidated.safetensors")
+    names = [t.name for t in one.tensors]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    assert checkpoint_files(sharded) == [sharded / "model-00001-of-00001.safetensors"]
+    assert read_model(sharded).param_count == one.param_count
+
+
 def test_unknown_model_type_says_did_you_mean(model):
     _cfg(model, model_type="lama")
     (p,) = load_problems(read_model(model))
