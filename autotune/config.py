@@ -67,6 +67,7 @@ class Candidate:
     torchao_bit_width: Any = None  # _data.bit_width of torchao's gemlite-backed UIntx configs (their default: 4)
     torchao_group_size: Any = None  # _data.group_size where given (the weight bytes of its scales; None: the class default)
     torchao_packing_format: Any = None  # _data.int4_packing_format where given, e.g. "tile_packed_to_4d" (it pads the weights)
+    torchao_config_version: Any = None  # quant_type's "_version" (absent: 1, torchao's config_from_dict default)
     torchao_granularity: Any = None  # the weights' granularity (_data.granularity's "_type", the second of a pair) where given, e.g. "PerRow"
     bnb_4bit_quant_type: Any = None
     bnb_4bit_compute_dtype: Any = None
@@ -292,6 +293,8 @@ def parse_config(cfg: Any, *, workload: Workload | None = None) -> Candidate:
         elif method == "torchao":
             kw["quantization"] = "torchao"
             kw["torchao_type"] = torchao_type(q)
+            version = q["quant_type"]["default"].get("_version", 1)  # torchao.core.config._DEFAULT_VERSION where absent
+            kw["torchao_config_version"] = version if isinstance(version, int) and not isinstance(version, bool) else str(version)
             data = q["quant_type"]["default"].get("_data")
             data = data if isinstance(data, Mapping) else {}  # no _data: the class defaults
             kw["torchao_sets_inductor_config"] = bool(data.get("set_inductor_config", True))

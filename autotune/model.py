@@ -81,6 +81,13 @@ class ModelSpec:
         if name == "quant_method":  # how the checkpoint was saved quantized (config.json); None: not quantized
             q = self.quantization
             return str(q.get("quant_method", "unknown")).lower() if isinstance(q, dict) else None
+        if name in ("torchao_type", "torchao_config_version"):  # a torchao checkpoint's quant_type (TorchAoConfig.to_dict)
+            q = self.quantization
+            qt = q.get("quant_type") if isinstance(q, dict) and str(q.get("quant_method")).lower() == "torchao" else None
+            d = qt.get("default") if isinstance(qt, dict) else None
+            if not isinstance(d, dict):
+                return None
+            return d.get("_type") if name == "torchao_type" else d.get("_version", 1)
         return getattr(self, name, UNKNOWN)
 
 

@@ -159,6 +159,35 @@ def test_memory_fit_counts_torchao_weights_in_their_own_bytes(tmp_path, kind, fi
     assert ("MEM-FIT" in rules_of(r, "error")) is not fits
 
 
+@pytest.mark.parametrize("version", [None, 1, 2])
+def test_a_torchao_config_of_version_1_fails_the_check_as_it_fails_to_load(version):
+    """No "_version" reads as 1 (torchao's config_from_dict), and torchao 0.18 removed int8's
+    version 1: the installed transformers and torchao refuse the config exactly where the rule
+    says so."""
+    pytest.importorskip("torchao")
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    if not Version("0.18.0") <= Version(importlib.metadata.version("torchao")) < Version("0.19"):
+        pytest.skip("read in torchao 0.18's source")
+    from transformers import TorchAoConfig
+
+    kind = {"_type": "Int8WeightOnlyConfig", "_data": {}, **({} if version is None else {"_version": version})}
+    q = {"quant_method": "torchao", "quant_type": {"default": kind}}
+    said = "TORCHAO-CONFIG-VERSION-1" in rules_of(check({"from_pretrained": {"dtype": "bfloat16", "quantization_config": q}}), "error")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchao warns that the stored version is not the current one
+            TorchAoConfig.from_dict(q)
+        refused = False
+    except ValueError as e:
+        refused = "version 1 of Int8WeightOnlyConfig has been removed" in str(e)
+    assert said is refused is (version != 2)
+
+
 @pytest.mark.parametrize("cfg, match", [
     ({"dtype": "float17"}, "unknown dtype"),
     ({"max_memory": {"0": "lots"}}, "cannot parse memory size 'lots'"),
