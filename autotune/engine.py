@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from .config import Candidate
 from .facts import GPU, UNKNOWN, Facts, parse_version
-from .memory import decoder_linears, fit, int4_padding, load_dtype, torchao_unquantized
+from .memory import fit, int4_groups_that_fit, int4_padding, load_dtype, torchao_unquantized
 from .model import ModelSpec
 from .rules import Rule, Unknown, condition_facts, default_rules, evaluate, render
 
@@ -274,9 +274,8 @@ class Context:
                 if padding is not UNKNOWN:
                     d["int4_padding"], d["int4_padded"] = round(padding[0], 3), padding[1]
                     d["int4_padding_pct"] = f"{padding[0]:.0%}"
-                linears = decoder_linears(m)
-                if linears is not UNKNOWN:  # int4 weight-only's group sizes (torchao: 256, 128, 64, 32) that quantize them all
-                    fits = [g for g in (256, 128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)]
+                fits = int4_groups_that_fit(m) if c.quantization == "torchao" else UNKNOWN  # for a torchao rule's fix only
+                if fits is not UNKNOWN:
                     d["torchao_group_sizes_that_fit"] = " or ".join(map(str, fits)) or "none"
             if f.gpus is not UNKNOWN and f.gpus:
                 d["tp_size"] = (c.tp_size or len(f.gpus)) if c.tensor_parallel else None

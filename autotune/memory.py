@@ -136,6 +136,16 @@ def decoder_linears(model: ModelSpec) -> list[tuple[str, int, int]] | Any:
             ("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
 
 
+def int4_groups_that_fit(model: ModelSpec) -> list[int] | Any:
+    """The int4 weight-only group sizes torchao offers (256, 128, 64, 32) that divide every decoder
+    projection's input size (:func:`decoder_linears`), so that int4 quantizes them all; UNKNOWN
+    where neither the checkpoint nor config.json gives the sizes."""
+    linears = decoder_linears(model)
+    if linears is UNKNOWN:
+        return UNKNOWN
+    return [g for g in (256, 128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)]
+
+
 def torchao_unquantized(candidate: Candidate, model: ModelSpec) -> tuple[list[str], float] | Any:
     """The decoder projections the candidate's torchao config leaves as loaded, each with why
     (``["q_proj, k_proj, v_proj, gate_proj, up_proj (input size 576 not a multiple of group_size

@@ -15,7 +15,7 @@ from .config import Candidate, Workload, parse_config
 from .engine import run as run_rules
 from .errors import UserError
 from .facts import UNKNOWN, Facts
-from .memory import GIB, decoder_linears, estimate, gpu_budget
+from .memory import GIB, estimate, gpu_budget, int4_groups_that_fit
 from .model import ModelSpec
 from .trial import Trial
 
@@ -56,10 +56,10 @@ def int4_group_size(model: ModelSpec | None) -> int:
     divide unquantized (rule TORCHAO-SHAPES-UNQUANTIZED), so a model of hidden size 576 in
     groups of 128 would be int4 in its down projections only. 128 where none divides them all
     (the rule then warns) or neither the checkpoint nor config.json gives the sizes."""
-    linears = decoder_linears(model) if model is not None else UNKNOWN
-    if linears is UNKNOWN:
+    fits = int4_groups_that_fit(model) if model is not None else UNKNOWN
+    if fits is UNKNOWN:
         return 128
-    return next((g for g in (128, 64, 32) if all(inp % g == 0 for _, _, inp in linears)), 128)
+    return next((g for g in (128, 64, 32) if g in fits), 128)
 
 
 def candidate_config(dtype: str, attn: str, *, backend: str | None = None, cache: str | None = None, compile_: bool = True,
@@ -346,7 +346,8 @@ class Space:
              compile_: bool = True, quant: str | None = None, loop: str | None = None, compile_mode: str | None = None,
              lookup: int | None = None, fuse: bool = False, gqa: bool = False) -> Trial:
         base = candidate_config(dtype, attn, backend=backend, cache=cache, compile_=compile_, quant=quant, compute=self.half if quant else None,
-                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse, gqa=gqa, int4_group=int4_group_size(self.model))
+                                loop=loop, compile_mode=compile_mode, lookup=lookup, fuse=fuse, gqa=gqa,
+                                int4_group=int4_group_size(self.model) if quant == "torchao-int4wo" else None)
         return self.place(stage, base)
 
     def place(self, stage: str, cfg: dict[str, Any]) -> Trial:
