@@ -128,9 +128,10 @@ class Search:
                 self.eager_search(baseline, static_uncompiled=True)
         else:
             if self.space.device == "cuda":
-                why = "--cache dynamic" if self.fixed.get("cache") == "dynamic" else "the memory objective (quantized models do not compile)"
-                self.notes.append(f"compiled static cache not searched: {why}")
-                self.no_weight_quantization(f"{why.split(' (')[0]} compiles nothing")
+                dynamic = self.fixed.get("cache") == "dynamic"
+                what = "--cache dynamic" if dynamic else "the memory objective"
+                self.notes.append(f"compiled static cache not searched: {what}" + ("" if dynamic else " (quantized models do not compile)"))
+                self.no_weight_quantization(f"{what} compiles nothing")
             else:
                 self.no_weight_quantization("the tune compiles on CUDA GPUs only")
             self.eager_search(baseline, static_uncompiled=self.fixed.get("cache") != "dynamic")
