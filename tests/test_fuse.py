@@ -182,20 +182,27 @@ def _torchao(kind="Int8WeightOnlyConfig", data=None, fuse=True, dtype="float32")
     return {"from_pretrained": {"dtype": dtype, "device_map": "cpu", "quantization_config": q}, "generate": {}, "runtime": {"fuse_projections": fuse}}
 
 
+def assert_parts_hold_their_rows(plain, fused):
+    """Every fused q/k/v and gate/up part of ``fused`` holds, bit for bit, the quantized data its
+    projection has in ``plain`` (the same checkpoint loaded unfused)."""
+    from autotune.fuse import _same_quantized
+
+    for i, (a, b) in enumerate(zip(plain.model.layers, fused.model.layers)):
+        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            for n in names:
+                part, alone = getattr(getattr(b, parent), n).weight, getattr(getattr(a, parent), n).weight.detach()
+                assert _same_quantized(part, alone), f"layer {i} {n}: the fused rows are what quantizing it alone gave"
+
+
 def test_torchao_groups_are_quantized_whole_and_hold_each_parts_quantized_rows(llama32):
     pytest.importorskip("torchao")
     from autotune.fuse import _same_quantized
 
     plain, fused = load(llama32, _torchao(fuse=False)), load(llama32, _torchao())
-    for i in range(2):
-        a, b = plain.model.layers[i], fused.model.layers[i]
+    for b in fused.model.layers:
         whole = b.self_attn.fused_q_proj_k_proj_v_proj.weight
         assert type(whole).__name__ == "Int8Tensor" and tuple(whole.shape) == (64 + 2 * 32, 64), "quantized once, as one weight"
-        for name in ("q_proj", "k_proj", "v_proj"):
-            part, alone = getattr(b.self_attn, name).weight, getattr(a.self_attn, name).weight.detach()
-            assert _same_quantized(part, alone), f"layer {i} {name}: the fused rows are what quantizing it alone gave"
-        for name in ("gate_proj", "up_proj"):
-            assert _same_quantized(getattr(b.mlp, name).weight, getattr(a.mlp, name).weight.detach())
+    assert_parts_hold_their_rows(plain, fused)
     assert not _same_quantized(fused.model.layers[0].mlp.gate_proj.weight, plain.model.layers[0].mlp.up_proj.weight.detach()), "the check can fail"
     assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 4
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -283,10 +290,7 @@ def test_int4_tile_packed_groups_fuse_with_each_parts_quantized_rows(tmp_path, t
     whole = fused.model.layers[0].self_attn.fused_q_proj_k_proj_v_proj.weight
     assert type(whole).__name__ == "Int4TilePackedTo4dTensor" and tuple(whole.shape) == (256 + 2 * 64, 256)
     assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 2 * 2
-    for a, b in zip(plain.model.layers, fused.model.layers):
-        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
-            for n in names:
-                assert _same_quantized(getattr(getattr(b, parent), n).weight, getattr(getattr(a, parent), n).weight.detach()), (parent, n)
+    assert_parts_hold_their_rows(plain, fused)
     assert not _same_quantized(fused.model.layers[0].self_attn.k_proj.weight, plain.model.layers[0].self_attn.v_proj.weight.detach())
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -323,7 +327,6 @@ def test_gpu_torchao_kinds_fuse_with_the_parts_rows_and_their_outputs(tmp_path_f
     pytest.importorskip("torchao")
     if kind == "torchao-float8dq" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm89+")
-    from autotune.fuse import _same_quantized
     from autotune.space import TORCHAO_KINDS
 
     folder = save_tiny_llama(tmp_path_factory.mktemp("ao-gpu"), dtype="bfloat16", hidden_size=256, intermediate_size=512, vocab_size=512)
@@ -335,10 +338,7 @@ def test_gpu_torchao_kinds_fuse_with_the_parts_rows_and_their_outputs(tmp_path_f
 
     plain, fused = load(folder, cfg(False)), load(folder, cfg(True))
     assert sum(type(m).__name__ == "FusedLinear" for m in fused.modules()) == 2 * 2
-    for a, b in zip(plain.model.layers, fused.model.layers):
-        for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
-            for n in names:
-                assert _same_quantized(getattr(getattr(b, parent), n).weight, getattr(getattr(a, parent), n).weight.detach()), (parent, n)
+    assert_parts_hold_their_rows(plain, fused)
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.inference_mode():
         la, lb = plain(ids).logits.float(), fused(ids).logits.float()
