@@ -64,6 +64,15 @@ def groups_in(names: list[str] | tuple[str, ...]) -> int | None:
     return sum(1 for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group))
 
 
+def grouped_tensors(names: list[str] | tuple[str, ...]) -> set[str]:
+    """The tensors (weights and biases) of a checkpoint that belong to a sibling group fusing
+    would concatenate, by name, as :func:`groups_in` counts them."""
+    have = set(names)
+    parents = {n.rsplit(".", 2)[0] for n in names if n.endswith(".weight") and n.count(".") >= 2}
+    return {f"{p}.{g}.{kind}" for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group)
+            for g in group for kind in ("weight", "bias") if f"{p}.{g}.{kind}" in have}
+
+
 class NothingToFuse(NotApplicable):
     """Fusing was asked for and no group of this model qualifies (the tuner's candidate is then
     not measured: it would be the unfused one under another name)."""

@@ -15,11 +15,21 @@ from typing import Any
 
 from .config import TORCHAO_UINTX, Candidate
 from .facts import UNKNOWN, Facts, parse_version
+from .fuse import grouped_tensors
 from .model import ModelSpec
 
 GIB = 1024**3
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 CUDA_CONTEXT = int(0.5 * GIB)  # context + cuBLAS/cuDNN workspaces, as seen on an H100 with torch 2.11
+# Fusing projections on a GPU (runtime.fuse_projections) holds the replaced parts' memory as well
+# as the fused weights: transformers 5.17 carves every weight of a load out of one allocation
+# (modeling_utils.caching_allocator_warmup, "one large call to Malloc"), so the freed parts are
+# holes that torch.cuda.empty_cache cannot give back, and the fused weights, each larger than a
+# part, take new memory. Measured on an H100 (docs/PERFORMANCE.md, issue 12 session 20): a
+# 2-layer 7 B-wide Llama in bf16 reserved 0.52 GiB more after fusing, its fused weights' bytes,
+# with or without empty_cache; the 7 B shape reserved 17.97 GiB fused against 12.83 GiB at its
+# peak allocation (some holes reused), and 7 B tunes that warmed such processes up side by side
+# ran out of memory. The estimate counts the fused weights' bytes on top: an upper bound.
 FRAGMENTATION = 1.10  # the caching allocator's slack over live tensors
 
 
@@ -30,10 +40,11 @@ class Estimate:
     kv_cache: int
     activations: int
     overhead: int
+    fused_copies: int = 0  # what fusing projections holds beside the weights on a GPU (see above)
 
     @property
     def total(self) -> int:
-        return int((self.weights + self.kv_cache + self.activations) * FRAGMENTATION) + self.overhead
+        return int((self.weights + self.fused_copies + self.kv_cache + self.activations) * FRAGMENTATION) + self.overhead
 
     def gib(self, x: int) -> float:
         return round(x / GIB, 2)
@@ -199,17 +210,20 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
         compute = "float16"  # transformers loads bnb models' other modules in fp16 when no dtype is given
     b = BYTES[compute]
     ao = torchao_bytes(candidate)
-    weights = 0
+    weights = fused = 0
     if model.tensors:
+        grouped = grouped_tensors([t.name for t in model.tensors]) if candidate.fuse_projections and on_gpu else set()
         for t in model.tensors:
             if ao is not None and _quantized(t.name, t.shape) and not torchao_skips(candidate, t.shape):
-                weights += int(torchao_bytes(candidate, t.shape) or 0)  # transformers quantizes every nn.Linear but the lm_head
+                n = int(torchao_bytes(candidate, t.shape) or 0)  # transformers quantizes every nn.Linear but the lm_head
             elif candidate.quantization == "bnb-8bit" and _quantized(t.name, t.shape):
-                weights += t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
+                n = t.numel + t.shape[0] * 4  # int8 + one fp32 scale per row
             elif candidate.quantization == "bnb-4bit" and _quantized(t.name, t.shape):
-                weights += t.numel // 2 + (t.numel // 64) * 4  # 4 bits + an fp32 absmax per 64-block
+                n = t.numel // 2 + (t.numel // 64) * 4  # 4 bits + an fp32 absmax per 64-block
             else:
-                weights += t.numel * b
+                n = t.numel * b
+            weights += n
+            fused += n if t.name in grouped else 0
     else:
         if model.param_count is UNKNOWN or any(x is UNKNOWN for x in (model.vocab_size, model.hidden_size)):
             return UNKNOWN
@@ -221,6 +235,11 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
             share = unquantized[1] if unquantized is not UNKNOWN else 0.0
             per = ao * (1 - share) + b * share  # per weight, without the row scales or int4's padding
         weights = int(embed * b + body * per)
+        if candidate.fuse_projections and on_gpu and not any(x is UNKNOWN for x in (model.num_layers, model.num_heads, model.num_kv_heads,
+                                                                                      model.head_dim, model.intermediate_size)):
+            # no tensor names to read: a Llama-like layer's q/k/v and gate/up
+            per_layer = model.hidden_size * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim + 2 * model.hidden_size * model.intermediate_size
+            fused = int(model.num_layers * per_layer * per)
     need = (model.num_layers, model.num_kv_heads, model.head_dim, model.num_heads, model.hidden_size, model.vocab_size)
     if any(x is UNKNOWN for x in need):
         return UNKNOWN
@@ -236,7 +255,8 @@ def estimate(candidate: Candidate, model: ModelSpec, facts: Facts, *, on_gpu: bo
     if candidate.attn_implementation in ("eager",) or (candidate.attn_implementation in (None, "sdpa") and candidate.sdpa_backend == "math"):
         # scores in the dtype, softmax in float32, cast back: (2 x dtype + 4) bytes per score
         act += w.batch_size * heads * w.prompt_len * w.prompt_len * (2 * b + 4)
-    return Estimate(load_dtype=dtype, weights=weights, kv_cache=kv_cache, activations=act, overhead=CUDA_CONTEXT if on_gpu else 0)
+    return Estimate(load_dtype=dtype, weights=weights, kv_cache=kv_cache, activations=act, overhead=CUDA_CONTEXT if on_gpu else 0,
+                    fused_copies=fused)
 
 
 def gpu_budget(facts: Facts, index: int, candidate: Candidate) -> Any:
@@ -276,6 +296,8 @@ def fit(candidate: Candidate, model: ModelSpec, facts: Facts, gpus_used: list[in
         "weights_format": _weights_format(candidate, est.load_dtype),
         "overhead_what": "the CUDA context" if gpus_used else "the runtime's own memory",
     }
+    if est.fused_copies:
+        out["fused_copies_gib"] = est.gib(est.fused_copies)  # the parts fusing replaced, still held
     if not gpus_used:
         host = facts.host if isinstance(facts.host, dict) else {}
         ram = host.get("ram_available_gib", host.get("ram_gib", UNKNOWN))
