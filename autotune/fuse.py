@@ -57,20 +57,21 @@ def groups_in(names: list[str] | tuple[str, ...]) -> int | None:
     """How many sibling groups a checkpoint's tensor names hold (``...q_proj.weight`` beside
     ``...k_proj.weight`` and ``...v_proj.weight`` under one parent); None when there are no names
     to read (no safetensors headers). Read from names alone: no torch, no weights."""
-    if not names:
-        return None
-    have = set(names)
-    parents = {n.rsplit(".", 2)[0] for n in names if n.endswith(".weight") and n.count(".") >= 2}
-    return sum(1 for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group))
+    return len(_complete_groups(names)) if names else None
 
 
 def grouped_tensors(names: list[str] | tuple[str, ...]) -> set[str]:
     """The tensors (weights and biases) of a checkpoint that belong to a sibling group fusing
     would concatenate, by name, as :func:`groups_in` counts them."""
     have = set(names)
+    return {f"{p}.{g}.{kind}" for p, group in _complete_groups(names) for g in group for kind in ("weight", "bias") if f"{p}.{g}.{kind}" in have}
+
+
+def _complete_groups(names: list[str] | tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """(parent, group) for each sibling group whose every part's weight the names hold."""
+    have = set(names)
     parents = {n.rsplit(".", 2)[0] for n in names if n.endswith(".weight") and n.count(".") >= 2}
-    return {f"{p}.{g}.{kind}" for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group)
-            for g in group for kind in ("weight", "bias") if f"{p}.{g}.{kind}" in have}
+    return [(p, group) for p in parents for group in GROUPS if all(f"{p}.{g}.weight" in have for g in group)]
 
 
 class NothingToFuse(NotApplicable):
