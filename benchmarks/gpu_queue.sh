@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_queue.sh setup load-7b-int4 tune-7b-b1-quant  # call 2
 #   bash benchmarks/gpu_queue.sh setup tune-1.1b-b1 tune-7b-b8        # call 3
 #   bash benchmarks/gpu_queue.sh setup fuse-memory tune-7b-b1-quant    # call 4: fusing's memory; the 7 B tune again
+#   bash benchmarks/gpu_queue.sh setup oracle-1.1b-b1                  # session 21: the tune against the oracle's loop rows
 #
 # setup installs .whl/*.whl into /tmp/site (torchao 0.18.0 for torch 2.11). The models are random
 # Llamas of benchmarks/gpu_tune.py's shapes, built in /tmp/llama-{1.1b,7b} when missing.
@@ -52,6 +53,10 @@ for step in "$@"; do
         tune-7b-b1-quant) tune tune-7b-b1-quant 7b --batch-size 1 --quantization always ;;
         tune-7b-b8) tune tune-7b-b8 7b --batch-size 8 ;;
         tune-1.1b-b1) tune tune-1.1b-b1 1.1b --batch-size 1 ;;
+        tune-1.1b-b8) tune tune-1.1b-b8 1.1b --batch-size 8 ;;
+        oracle-1.1b-b1)  # the 1.1 B batch 1 tune, then every bf16 / fp16 SDPA candidate of its loop (fused or not, SDPA's GQA or not), one fresh process each
+            python3 benchmarks/oracle.py --shape 1.1b --part compiled --procs 1 --no-screen \
+                --only '*16 sdpa *static-cache+compile sync-free-loop*' --out "$OUT" > "$OUT/oracle-1.1b-b1.log" 2>&1 ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done
