@@ -13,8 +13,9 @@ pick will run in:
   where the model groups its heads) is screened in one process by the GPU
   kernel time of a decode step with a static cache (what CUDA graphs leave of a step: no
   launch gaps, no host work); the ones within ``SCREEN_MARGIN`` of the best are compiled and
-  measured for real (at most ``MAX_COMPILED``), and the pick comes from those runs. If none
-  compiles, the eager search below runs instead.
+  measured for real (at most ``MAX_COMPILED``), beside the roofline prior's picks, which compiled
+  while the screen ran and are timed whatever it said of them; the pick comes from those runs.
+  If none compiles, the eager search below runs instead.
 * **eager** (the CPU, ``--cache dynamic``, the memory objective, or nothing compiled): staged
   as before — attention at the preferred dtype, then dtype, then the static cache uncompiled.
 
@@ -240,6 +241,14 @@ class Search:
             lead = ranked[0]
             best_ms = lead.screen["step_ms"]
             queue = [t for t in ranked if t.screen["step_ms"] <= best_ms * (1 + SCREEN_MARGIN)][:MAX_COMPILED]
+            # the prior's picks, compiled and warm by now, are timed whatever their screen said:
+            # timing one costs seconds, and the screen reads kernel times while they warm up on the
+            # same GPU, which can stretch a row's prefill or its steps. An H100 tune (7 B, batch 8)
+            # screened bf16 eager fused at 6.89 ms a step (its prefill 371 ms, its fp16 twin's 132,
+            # the twin 11.21 ms a step), ended the prior's fp16 sdpa + GQA fused (7.72 ms) and
+            # picked it at 1,017.5 tok/s, where that pick had decoded 1,457.7 in the session before
+            # (docs/gpu/h100-s21-tune-7b-b8.json, h100-s20-tune-7b-b8.json)
+            queue += [t for t in ranked if t.label in ahead and t not in queue]
             blind.sort(key=lambda t: (t.config["from_pretrained"]["dtype"] != lead.config["from_pretrained"]["dtype"], BYTES.get(t.config["from_pretrained"]["dtype"], 4)))
             if blind:
                 queue.append(blind[0])
