@@ -246,7 +246,7 @@ class Search:
             # same GPU, which can stretch a row's prefill or its steps. An H100 tune (7 B, batch 8)
             # screened bf16 eager fused at 6.89 ms a step (its prefill 371 ms, its fp16 twin's 132,
             # the twin 11.21 ms a step), ended the prior's fp16 sdpa + GQA fused (7.72 ms) and
-            # picked it at 1,017.5 tok/s, where that pick had decoded 1,457.7 in the session before
+            # picked eager at 1,017.5 tok/s, where that fp16 one had decoded 1,457.7 the session before
             # (docs/gpu/h100-s21-tune-7b-b8.json, h100-s20-tune-7b-b8.json)
             queue += [t for t in ranked if t.label in ahead and t not in queue]
             blind.sort(key=lambda t: (t.config["from_pretrained"]["dtype"] != lead.config["from_pretrained"]["dtype"], BYTES.get(t.config["from_pretrained"]["dtype"], 4)))
