@@ -208,8 +208,12 @@ class Search:
         # (fused projections before the same candidate unfused: at batch 1 on an H200 they decoded
         # 19.8 % faster at the 1.1 B shape and 10.4 % at 7 B, docs/gpu/h200-s16-graphs-*-fused.json;
         # then SDPA's GQA before transformers' copies: 13.6 % and 8.0 % more, h200-s17-graphs-*-gqa.json)
-        prior = sorted(seen, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), not t.config["runtime"].get("fuse_projections"),
-                                            not t.config["runtime"].get("sdpa_gqa"), t.simplicity, t.config["from_pretrained"]["dtype"] != sp.half))
+        def roofline(t: Trial) -> tuple:  # the prior's order, also where no screen ranks them
+            rt = t.config["runtime"]
+            return (BYTES.get(t.config["from_pretrained"]["dtype"], 4), not rt.get("fuse_projections"), not rt.get("sdpa_gqa"), t.simplicity,
+                    t.config["from_pretrained"]["dtype"] != sp.half)
+
+        prior = sorted(seen, key=roofline)
         ahead_of = prior[:MAX_COMPILED] if len(seen) > 1 else []
         # the sync-free loop's twin with transformers' own loop (it has to win its place) is the
         # prior's first pick's, compiled ahead too: made after the screen it compiled alone, 30 s
@@ -264,15 +268,15 @@ class Search:
                             f"for {lead.label} (+{t.screen['step_ms'] / best_ms - 1:.0%}; "
                             + (f"only the {MAX_COMPILED} fastest are compiled)" if within else f"compiled only within +{SCREEN_MARGIN:.0%})"))
         else:
-            # no proxy (one candidate, or the screen failed): the roofline prior orders them —
-            # fewer bytes per weight first, then the simpler
-            queue = sorted(live, key=lambda t: (BYTES.get(t.config["from_pretrained"]["dtype"], 4), t.simplicity))
+            # no proxy (one candidate, or the screen failed): the roofline prior orders them, as it
+            # chose what compiled while the screen ran, so those warm picks are the ones timed
+            queue = sorted(live, key=roofline)
             spare = queue[MAX_COMPILED:]
             queue = queue[:MAX_COMPILED]
             for t in spare:
-                t.status, t.reason = "not measured", "not compiled: no screen measurement, and the roofline prior (bytes per weight) ranks it lower"
+                t.status, t.reason = "not measured", "not compiled: no screen measurement, and the roofline prior (bytes per weight, fused, SDPA's GQA) ranks it lower"
             if len(live) > 1:
-                self.notes.append("screen failed: compiled candidates chosen by bytes per weight instead")
+                self.notes.append("screen failed: compiled candidates chosen by the roofline prior instead (bytes per weight, fused, SDPA's GQA)")
         if twin is not None and queue:
             queue.append(twin)
         elif loop and queue:

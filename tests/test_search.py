@@ -516,6 +516,22 @@ def test_a_screen_row_that_reads_too_fast_does_not_end_the_priors_warm_picks(lla
     assert not [e for e in runner.events if e[0] == "cancel" and e[1] in (BF16, FP16)]
 
 
+def test_where_the_screen_fails_the_priors_warm_picks_are_the_ones_timed(llama):
+    # no screen row: the roofline prior that chose what compiled beside the screen (fused first)
+    # also chooses the finalists, so those warm processes are timed, not ended for plain ones
+    class Blind(LaunchingRunner):
+        def screened(self, s):
+            return {"label": s["label"], "status": "error", "error": "RuntimeError: injected"}
+
+    runner = Blind(fuse_gain=1.2)
+    r = tuned(llama, runner, decode_loop="transformers", fuse_projections="auto")
+    fused_picks = [BF16 + " fused-projections", FP16 + " fused-projections"]
+    assert [lb for what, lb in runner.events if what == "launch"][:2] == fused_picks, runner.events
+    assert not [e for e in runner.events if e[0] == "cancel" and e[1] in fused_picks], runner.events
+    assert r.pick.label == BF16 + " fused-projections"
+    assert any("screen failed: compiled candidates chosen by the roofline prior" in n for n in r.notes)
+
+
 def test_close_compiled_finalists_are_re_measured_by_processes_warmed_during_the_screen(llama):
     runner = LaunchingRunner()  # bf16 sdpa 117.7 vs fp16 sdpa 112.0 tok/s: not decisive
     r = tuned(llama, runner, decode_loop="transformers")
